@@ -1,0 +1,1 @@
+"""The decode pool's worker: a Ray actor hosting a vLLM engine as KV consumer."""

@@ -1,0 +1,23 @@
+"""``DecodeWorker``: continues a request from its first token with the prompt's KV pulled from
+the prefill instance that computed it."""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from pdserve.types import DecodeChunk, SamplingSpec
+from pdserve.worker import EngineWorker
+
+
+class DecodeWorker(EngineWorker):
+    """Ray actor of the decode pool (created by ``pdserve.cluster``)."""
+
+    role = "decode"
+
+    async def decode(self, request_id: str, prompt_ids: list[int], first_token: int, spec: SamplingSpec,
+                     kv_params: dict[str, Any]) -> AsyncIterator[DecodeChunk]:
+        """Stream tokens after ``first_token``; the engine's prompt is ``prompt_ids + [first_token]``
+        with the prompt's KV loaded through ``kv_params``. The last chunk carries the load report.
+        Cancelling the stream aborts the request and frees its blocks."""
+        async for chunk in self.host.stream(request_id, prompt_ids + [first_token], spec,
+                                            spec.max_tokens - 1, kv_params):
+            yield chunk

@@ -1,0 +1,155 @@
+"""The ``pdserve`` command: serve, generate, health, prepare-model."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+import grpc
+
+from pdserve import config as config_mod
+from pdserve import env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pdserve`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (config_mod.ConfigError, FileNotFoundError) as err:
+        print(f"pdserve: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving.")
+    sub = parser.add_subparsers(required=True)
+    serve = sub.add_parser("serve", help="start Ray workers and the gRPC router")
+    serve.add_argument("--config", help="YAML file (see deploy/local.yaml)")
+    serve.add_argument("--host"), serve.add_argument("--port", type=int)
+    serve.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    serve.add_argument("--prefill", type=int, help="prefill instances")
+    serve.add_argument("--decode", type=int, help="decode instances")
+    serve.add_argument("--prefill-policy"), serve.add_argument("--decode-policy")
+    serve.add_argument("--model", help="local Hugging Face model folder (default: bundled SmolLM2-135M)")
+    serve.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
+    serve.set_defaults(func=_serve)
+    gen = sub.add_parser("generate", help="stream an answer to the terminal")
+    gen.add_argument("text"), gen.add_argument("--target", default="127.0.0.1:50051")
+    gen.add_argument("--max-tokens", type=int, default=64), gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--raw", action="store_true", help="send as a raw prompt (default: one user chat message)")
+    gen.add_argument("--timeout", type=float, default=300.0)
+    gen.set_defaults(func=_generate)
+    health = sub.add_parser("health", help="exit 0 only when every pool has a live instance")
+    health.add_argument("--target", default="127.0.0.1:50051")
+    health.add_argument("--wait", type=float, default=0.0, help="keep asking for up to this many seconds")
+    health.set_defaults(func=_health)
+    prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
+    prep.set_defaults(func=_prepare)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for flag, key in (("host", "host"), ("port", "port"), ("ray_address", "ray_address")):
+        if getattr(args, flag) is not None:
+            out[key] = getattr(args, flag)
+    for pool in ("prefill", "decode"):
+        pool_cfg = {k: v for k, v in (("instances", getattr(args, pool)),
+                                      ("policy", getattr(args, f"{pool}_policy"))) if v is not None}
+        if pool_cfg:
+            out[pool] = pool_cfg
+    engine = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v is not None}
+    if engine:
+        out["engine"] = engine
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, _overrides(args))
+    if not (cfg.ray_address or env.ray_address()):
+        env.apply(env.embedded_ray_env())  # before Ray is first imported: it reads them then
+    from pdserve.cluster import Cluster
+
+    cluster = Cluster(cfg)
+    try:
+        cluster.start()
+        asyncio.run(_run_router(cfg, cluster))
+    finally:
+        cluster.stop()
+    return 0
+
+
+async def _run_router(cfg: config_mod.ServeConfig, cluster: object) -> None:
+    from router.server import RouterServer
+
+    server = RouterServer(cluster.prefill, cluster.decode, cluster.model_info, cfg.prefill.policy,
+                          cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s)
+    port = await server.start(cfg.host, cfg.port)
+    print(f"pdserve serving on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode)",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdserve.client import PdServeClient, build_request
+
+    client = PdServeClient(args.target)
+    input_kw = {"prompt": args.text} if args.raw else {"messages": [("user", args.text)]}
+    request = build_request(max_tokens=args.max_tokens, temperature=args.temperature, **input_kw)
+    try:
+        for msg in client.stream(request, args.timeout):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            if msg.final:
+                t = msg.timings
+                print(f"\n[{msg.finish_reason}; {msg.usage.prompt_tokens} prompt + {msg.usage.completion_tokens} "
+                      f"completion tokens; TTFT {t.ttft_ms:.0f} ms, KV transfer {t.kv_transfer_ms:.0f} ms "
+                      f"({t.kv_transfer_bytes} B), total {t.e2e_ms:.0f} ms; "
+                      f"{msg.prefill_instance} -> {msg.decode_instance or '-'}]", file=sys.stderr)
+    except grpc.RpcError as err:
+        print(f"\npdserve: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from pdserve.client import PdServeClient
+    from protos import pdserve_v1_pb2 as pb
+
+    client = PdServeClient(args.target)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            answer = client.health()
+            if answer.status == pb.HealthResponse.SERVING:
+                print(f"SERVING: {answer.detail}")
+                return 0
+            detail = f"NOT_SERVING: {answer.detail}"
+        except grpc.RpcError as err:
+            detail = f"{err.code().name}: {err.details()}"
+        if time.monotonic() >= deadline:
+            print(detail, file=sys.stderr)
+            return 1
+        time.sleep(1.0)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pdserve.model import prepare_bundled_model
+
+    print(prepare_bundled_model())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

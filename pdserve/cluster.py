@@ -1,0 +1,111 @@
+"""``Cluster``: starts Ray (embedded on loopback, or joins an existing cluster) and the two worker
+pools as Ray actors, one engine each (one GPU each on GPU clusters, else one CPU core).
+
+Used by ``pdserve serve`` and by the test fixtures; ``stop`` ends only what ``start`` created.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from pdserve import env
+from pdserve.config import ServeConfig
+from pdserve.model import resolve_model
+from pdserve.types import ModelInfo
+
+log = logging.getLogger("pdserve.cluster")
+
+
+@dataclass(frozen=True)
+class WorkerRef:
+    """A live worker actor as the router sees it."""
+
+    name: str
+    role: str
+    actor: Any
+
+
+class Cluster:
+    """The Ray side of a deployment."""
+
+    def __init__(self, cfg: ServeConfig, ready_timeout_s: float = 600.0) -> None:
+        self.cfg = cfg
+        self.ready_timeout_s = ready_timeout_s
+        self.prefill: list[WorkerRef] = []
+        self.decode: list[WorkerRef] = []
+        self.model_info: ModelInfo | None = None
+        self._started_ray = False
+
+    def start(self) -> None:
+        """Start Ray if needed, create every worker and wait (bounded) until all engines are up."""
+        model = resolve_model(self.cfg.engine.model)
+        total = self.cfg.prefill.instances + self.cfg.decode.instances
+        self._init_ray(total)
+        gpu = self._use_gpu()
+        from decode_worker.worker import DecodeWorker
+        from prefill_worker.worker import PrefillWorker
+
+        for i in range(self.cfg.prefill.instances):
+            self.prefill.append(self._spawn(PrefillWorker, f"prefill-{i}", model, i, gpu))
+        for i in range(self.cfg.decode.instances):
+            self.decode.append(self._spawn(DecodeWorker, f"decode-{i}", model, self.cfg.prefill.instances + i, gpu))
+        infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=self.ready_timeout_s)
+        self.model_info = infos[0]
+        log.info("cluster up: %d prefill, %d decode, model %s", len(self.prefill), len(self.decode), model)
+
+    @property
+    def workers(self) -> list[WorkerRef]:
+        """All workers, prefill first."""
+        return self.prefill + self.decode
+
+    def _init_ray(self, total_workers: int) -> None:
+        if ray.is_initialized():
+            return
+        address = self.cfg.ray_address or env.ray_address()
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            if ray._private.ray_constants.ENABLE_RAY_CLUSTER:
+                log.warning("Ray was imported before pdserve.env.embedded_ray_env() was applied: "
+                            "the embedded Ray may bind a non-loopback interface")
+            env.apply(env.embedded_ray_env())
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     num_cpus=max(env.cpu_count(), total_workers), log_to_driver=False)
+        self._started_ray = True
+
+    def _use_gpu(self) -> bool:
+        device = self.cfg.engine.device
+        if device == "auto":
+            return ray.cluster_resources().get("GPU", 0) > 0
+        return device == "gpu"
+
+    def _spawn(self, cls: type, name: str, model: str, index: int, gpu: bool) -> WorkerRef:
+        local = not (self.cfg.ray_address or env.ray_address())
+        core = index % env.cpu_count() if local and not gpu else None
+        env_vars = env.worker_process_env(core, self.cfg.engine.kv_cache_gib)
+        if local:
+            env_vars["VLLM_HOST_IP"] = "127.0.0.1"
+        actor = ray.remote(cls).options(
+            name=name, num_cpus=1, num_gpus=1 if gpu else 0, max_concurrency=1000,
+            runtime_env={"env_vars": env_vars},
+        ).remote(name, self.cfg.engine, model, self.cfg.kv_transfer)
+        return WorkerRef(name, cls.role, actor)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Shut every engine down, kill the actors, and shut Ray down if this cluster started it."""
+        refs = [w.actor.shutdown.remote() for w in self.workers]
+        deadline = time.monotonic() + timeout_s
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # a dead actor cannot shut down: killing it below is enough
+            log.warning("some workers did not shut down cleanly")
+        for w in self.workers:
+            ray.kill(w.actor)
+        self.prefill, self.decode = [], []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

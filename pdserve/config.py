@@ -1,0 +1,147 @@
+"""pdserve's configuration: frozen dataclasses, validated on construction.
+
+YAML (``deploy/*.yaml``) and command-line flags both end here through :func:`load`; unknown keys
+are rejected with the path of the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How every worker's vLLM engine is built (the same for both pools)."""
+
+    model: str = ""
+    """Local Hugging Face model folder; empty means the bundled SmolLM2-135M-Instruct."""
+    dtype: str = "bfloat16"
+    """Weights and KV-cache dtype: ``bfloat16`` or ``float32``."""
+    max_model_len: int = 2048
+    """Context length (prompt + output tokens) each engine accepts."""
+    block_size: int = 32
+    """Tokens per KV-cache block; prefix caching and KV transfer work in whole blocks (the CPU
+    attention backend needs a multiple of 32)."""
+    kv_cache_gib: int = 1
+    """KV-cache memory per engine on CPU, whole GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    max_num_seqs: int = 32
+    """Most requests an engine runs in one batch."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes."""
+    enforce_eager: bool = True
+    """Eager mode; compiled mode changed greedy output on CPU."""
+    device: str = "auto"
+    """``auto``: one GPU per worker where Ray has GPUs, else one CPU core; or ``cpu``/``gpu``."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("bfloat16", "float32", "float16"), f"engine.dtype: unknown {self.dtype!r}")
+        _require(self.max_model_len >= 16, "engine.max_model_len must be >= 16")
+        _require(self.block_size in (16, 32, 64, 128), "engine.block_size must be 16, 32, 64 or 128")
+        _require(isinstance(self.kv_cache_gib, int) and self.kv_cache_gib >= 1, "engine.kv_cache_gib must be a whole number >= 1")
+        _require(self.max_num_seqs >= 1, "engine.max_num_seqs must be >= 1")
+        _require(self.device in ("auto", "cpu", "gpu"), f"engine.device: unknown {self.device!r}")
+
+
+@dataclass(frozen=True)
+class KvTransferConfig:
+    """The gRPC KV-transfer layer between the pools."""
+
+    lease_s: float = 60.0
+    """A prefill instance frees a finished request's KV blocks after this long if no decode
+    instance released them first."""
+    load_timeout_s: float = 30.0
+    """A decode instance gives up a KV pull after this long and recomputes the prompt."""
+    chunk_blocks: int = 64
+    """Blocks per streamed chunk (each chunk is one layer's run of blocks)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lease_s > 0, "kv_transfer.lease_s must be > 0")
+        _require(self.load_timeout_s > 0, "kv_transfer.load_timeout_s must be > 0")
+        _require(self.chunk_blocks >= 1, "kv_transfer.chunk_blocks must be >= 1")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One worker pool (prefill or decode)."""
+
+    instances: int = 1
+    """Number of worker actors (each hosts one engine)."""
+    policy: str = "round_robin"
+    """Routing policy name (see ``router.policies``)."""
+
+    def __post_init__(self) -> None:
+        _require(self.instances >= 1, "pool instances must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A whole deployment: the router's endpoint, Ray, the two pools and their engines."""
+
+    host: str = "127.0.0.1"
+    """Address the router's gRPC server binds."""
+    port: int = 50051
+    """gRPC port of the router (0 picks a free one)."""
+    ray_address: str = ""
+    """Ray cluster to join; empty starts an embedded local Ray on loopback."""
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    """The prefill pool."""
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    """The decode pool."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine settings for every worker."""
+    kv_transfer: KvTransferConfig = field(default_factory=KvTransferConfig)
+    """KV-transfer settings."""
+    default_max_tokens: int = 64
+    """max_tokens used when a request leaves it 0."""
+    request_timeout_s: float = 300.0
+    """Upper bound on one request's life in the router when the client sets no deadline."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "port must be in 0..65535")
+        _require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        _require(self.request_timeout_s > 0, "request_timeout_s must be > 0")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses.
+
+    Raises ConfigError for an unknown key or a value of the wrong shape.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    _require(not unknown, f"unknown config key(s) {', '.join(path + k for k in unknown)}")
+    values = {}
+    for name, value in data.items():
+        ftype = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(ftype):
+            value = from_dict(ftype, value, f"{path}{name}.")
+        values[name] = value
+    return cls(**values)
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read a YAML file (optional) and apply ``overrides`` (nested dict, e.g. from CLI flags)."""
+    data: dict[str, Any] = {}
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return from_dict(ServeConfig, data)

@@ -1,0 +1,59 @@
+"""``EngineWorker``: what the prefill and decode Ray actors share.
+
+The actor hosts one ``EngineHost``; the engine is built in ``__init__`` (vLLM imported there, so
+the driver and the router never import it). Called by the router through Ray actor handles.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+
+from pdserve.config import EngineConfig, KvTransferConfig
+from pdserve.types import LoadSnapshot, ModelInfo, PromptInput
+
+
+class EngineWorker:
+    """Base of the worker actors; subclasses set ``role`` and add their request methods."""
+
+    role = ""
+
+    def __init__(self, name: str, engine: EngineConfig, model: str, kv: KvTransferConfig) -> None:
+        from pdserve.engine import EngineHost
+
+        kv_host = ray.util.get_node_ip_address()
+        connector: dict[str, Any] = {"host": kv_host, "port": _free_port(kv_host), "lease_s": kv.lease_s,
+                                     "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks}
+        self.name = name
+        self.host = EngineHost(engine, model, self.role, connector)
+
+    async def info(self) -> ModelInfo:
+        """What this worker serves (also the readiness probe: returns once the engine is up)."""
+        return self.host.info
+
+    async def load(self) -> LoadSnapshot:
+        """The engine's latest load (polled by the router)."""
+        return self.host.load(self.name)
+
+    async def external_hits(self) -> tuple[int, int]:
+        """Cumulative (queried, loaded) prompt tokens of this engine's KV connector."""
+        return self.host.stats.external_hits()
+
+    async def tokenize(self, prompt: PromptInput) -> list[int]:
+        """Prompt token ids; raises InvalidRequestError for an empty or too-long prompt."""
+        return self.host.tokenize(prompt)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request on this engine if it is still there."""
+        await self.host.abort(request_id)
+
+    def shutdown(self) -> None:
+        """Stop the engine (called before the actor is killed)."""
+        self.host.shutdown()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,199 @@
+"""``Dispatcher``: runs one request through prefill, KV hand-off and decode, as a stream of events.
+
+Called by the gRPC service per request. It drives the request's state machine and, whatever way
+the request ends (finished, cancelled, deadline, worker failure), leaves no engine holding its
+blocks: it aborts the running leg and releases KV that no decode instance took over.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator
+
+import ray
+
+from kv_transfer import transport
+from kv_transfer.handle import KvHandle
+from pdserve.types import InvalidRequestError, NoInstanceError, RequestState
+from router.policies import RouteRequest
+from router.pools import WorkerPool
+from router.request import RouterRequest
+
+log = logging.getLogger("pdserve.router")
+_CLEANUP_TIMEOUT_S = 10.0
+
+
+class WorkerFailedError(NoInstanceError):
+    """A worker died or failed mid-request (gRPC UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens for the client."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    """The request ended normally; usage and timings."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    kv_transfer_ms: float
+    kv_transfer_bytes: int
+    ttft_ms: float
+    e2e_ms: float
+    prefill_instance: str
+    decode_instance: str = ""
+
+
+@dataclass
+class _Legs:
+    """What of a request is outstanding on the workers, for cleanup."""
+
+    prefill: Any = None
+    prefill_ref: Any = None
+    handle: KvHandle | None = None
+    decode: Any = None
+    decode_done: bool = False
+
+
+class Dispatcher:
+    """The disaggregated request path over two pools."""
+
+    def __init__(self, prefill: WorkerPool, decode: WorkerPool, max_model_len: int, default_max_tokens: int) -> None:
+        self.prefill, self.decode = prefill, decode
+        self.max_model_len, self.default_max_tokens = max_model_len, default_max_tokens
+
+    async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Stream the request's events; raises InvalidRequestError, NoInstanceError (or
+        WorkerFailedError), or CancelledError, after cleaning up."""
+        legs = _Legs()
+        try:
+            async for event in self._run(req, legs):
+                yield event
+        except BaseException as err:
+            if not req.state.terminal:
+                req.to(_terminal_state(err))
+            raise
+        finally:
+            await asyncio.shield(self._cleanup(req, legs))
+
+    async def _run(self, req: RouterRequest, legs: _Legs) -> AsyncIterator[TokenEvent | FinalEvent]:
+        route, ids = await self._prepare(req)
+        legs.prefill = self.prefill.pick(route)
+        req.to(RequestState.PREFILLING)
+        legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
+        result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
+        legs.prefill_ref, legs.handle = None, KvHandle.from_params(result.kv_params)
+        req.mark("first_token")
+        yield TokenEvent((result.token_id,), result.text)
+        if legs.handle is None:
+            req.to(RequestState.FINISHED)
+            yield self._final(req, result, result.finish_reason or "length", 1, {}, legs)
+            return
+        completion, finish, kv = 1, "length", {}
+        async for chunk in self._decode(req, route, ids, result, legs):
+            completion += len(chunk.token_ids)
+            if chunk.token_ids or chunk.text:
+                yield TokenEvent(chunk.token_ids, chunk.text)
+            finish, kv = chunk.finish_reason or finish, chunk.kv or kv
+        req.to(RequestState.FINISHED)
+        yield self._final(req, result, finish, completion, kv, legs)
+
+    async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
+        """Tokenize on a live prefill worker and check the lengths against the context."""
+        worker = self.prefill.pick(RouteRequest(req.request_id, (), 0))
+        try:
+            ids = await _await(self.prefill, worker, worker.actor.tokenize.remote(req.prompt))
+        except InvalidRequestError:
+            req.to(RequestState.REJECTED)
+            raise
+        room = self.max_model_len - len(ids)
+        max_tokens = req.sampling.max_tokens or min(self.default_max_tokens, room)
+        if max_tokens > room:
+            req.to(RequestState.REJECTED)
+            raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                      f"context ({self.max_model_len})")
+        req.sampling = replace(req.sampling, max_tokens=max_tokens)
+        route = RouteRequest(req.request_id, tuple(ids), max_tokens, req.ttft_slo_ms, req.tpot_slo_ms, req.priority)
+        return route, ids
+
+    async def _decode(self, req: RouterRequest, route: RouteRequest, ids: list[int], result: Any,
+                      legs: _Legs) -> AsyncIterator[Any]:
+        legs.decode = self.decode.pick(route)
+        req.to(RequestState.TRANSFERRING)
+        stream = legs.decode.actor.decode.options(num_returns="streaming").remote(
+            req.request_id, ids, result.token_id, req.sampling, result.kv_params)
+        legs.handle = None  # the decode instance now owns the KV: it releases it after loading
+        try:
+            async for ref in stream:
+                chunk = await _await(self.decode, legs.decode, ref)
+                if req.state is RequestState.TRANSFERRING:
+                    req.to(RequestState.DECODING)
+                yield chunk
+        except ray.exceptions.RayError as err:
+            self.decode.mark_dead(legs.decode.name)
+            raise WorkerFailedError(f"{legs.decode.name} failed: {type(err).__name__}") from None
+        legs.decode_done = True
+
+    def _final(self, req: RouterRequest, result: Any, finish: str, completion: int, kv: dict,
+               legs: _Legs) -> FinalEvent:
+        return FinalEvent(
+            finish_reason=finish, prompt_tokens=result.num_prompt_tokens, completion_tokens=completion,
+            cached_tokens=result.num_cached_tokens, queue_ms=req.since_arrival_ms(RequestState.PREFILLING.value),
+            prefill_ms=result.prefill_ms, kv_transfer_ms=kv.get("ms", 0.0), kv_transfer_bytes=kv.get("bytes", 0),
+            ttft_ms=req.since_arrival_ms("first_token"), e2e_ms=req.since_arrival_ms(RequestState.FINISHED.value),
+            prefill_instance=legs.prefill.name, decode_instance=legs.decode.name if legs.decode else "")
+
+    async def _cleanup(self, req: RouterRequest, legs: _Legs) -> None:
+        """Abort what still runs and release KV nobody took over (bounded)."""
+        try:
+            async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
+                if legs.prefill_ref is not None:
+                    await _quiet(legs.prefill.actor.abort.remote(req.request_id))
+                    late = await _quiet(legs.prefill_ref)  # it may have finished before the abort
+                    legs.handle = KvHandle.from_params(getattr(late, "kv_params", None))
+                if legs.handle is not None:
+                    h = legs.handle
+                    await asyncio.to_thread(transport.release, h.host, h.port, h.request_id)
+                if legs.decode is not None and not legs.decode_done:
+                    await _quiet(legs.decode.actor.abort.remote(req.request_id))
+        except TimeoutError:
+            log.warning("cleanup of %s timed out", req.request_id)
+
+
+async def _await(pool: WorkerPool, worker: Any, ref: Any) -> Any:
+    """Await a worker call; an InvalidRequestError raised there is re-raised as itself."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, InvalidRequestError):
+            raise InvalidRequestError(str(cause)) from None
+        raise WorkerFailedError(f"{worker.name} failed: {cause or err}".splitlines()[0]) from None
+    except ray.exceptions.RayError as err:
+        pool.mark_dead(worker.name)
+        raise WorkerFailedError(f"{worker.name} is unavailable: {type(err).__name__}") from None
+
+
+async def _quiet(ref: Any) -> Any:
+    try:
+        return await ref
+    except Exception:
+        return None
+
+
+def _terminal_state(err: BaseException) -> RequestState:
+    if isinstance(err, (asyncio.CancelledError, TimeoutError)):
+        return RequestState.CANCELLED
+    if isinstance(err, InvalidRequestError):
+        return RequestState.REJECTED
+    return RequestState.FAILED

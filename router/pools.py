@@ -1,0 +1,66 @@
+"""``WorkerPool``: one pool's workers, their last load snapshots, and its routing policy.
+
+The router's poller calls ``refresh`` periodically; request handling calls ``pick``. A worker
+whose load call fails is marked dead until a later refresh answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any, Sequence
+
+from pdserve.types import LoadSnapshot, NoInstanceError
+from router.policies import Policy, RouteRequest
+
+log = logging.getLogger("pdserve.router")
+
+
+class WorkerPool:
+    """A role's workers (objects with ``name`` and a Ray ``actor`` handle)."""
+
+    def __init__(self, role: str, workers: Sequence[Any], policy: Policy) -> None:
+        self.role, self.policy = role, policy
+        self._workers = {w.name: w for w in workers}
+        self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def snapshots(self) -> list[LoadSnapshot]:
+        """Every worker's last snapshot, dead ones included, in name order."""
+        return [self._loads[n] for n in sorted(self._loads)]
+
+    def live(self) -> list[LoadSnapshot]:
+        """Snapshots of the live workers."""
+        return [s for s in self.snapshots() if s.alive]
+
+    def pick(self, request: RouteRequest) -> Any:
+        """The worker the policy chooses among the live ones; NoInstanceError if none is live."""
+        candidates = self.live()
+        if not candidates:
+            raise NoInstanceError(f"no live {self.role} instance")
+        return self._workers[self.policy.select(request, candidates)]
+
+    def get(self, name: str) -> Any:
+        """The worker named ``name``."""
+        return self._workers[name]
+
+    def mark_dead(self, name: str) -> None:
+        """Take a worker out of routing until a refresh finds it alive."""
+        self._loads[name] = replace(self._loads[name], alive=False)
+
+    async def refresh(self, timeout_s: float) -> None:
+        """Poll every worker's load once, bounded by ``timeout_s``."""
+        names = list(self._workers)
+        results = await asyncio.gather(*(self._poll(n, timeout_s) for n in names))
+        for name, snap in zip(names, results):
+            self._loads[name] = snap
+
+    async def _poll(self, name: str, timeout_s: float) -> LoadSnapshot:
+        try:
+            return await asyncio.wait_for(self._workers[name].actor.load.remote(), timeout_s)
+        except Exception as err:  # a dead or hung actor: out of routing, not fatal
+            if self._loads[name].alive:
+                log.warning("%s stopped answering: %s", name, type(err).__name__)
+            return replace(self._loads[name], alive=False)

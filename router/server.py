@@ -1,0 +1,135 @@
+"""The router's gRPC server (``pdserve.v1.PdServe``): maps requests to the dispatcher and errors
+to gRPC statuses, and polls the pools' load in the background.
+
+Started by ``pdserve serve`` and the test fixtures with the workers of a ``Cluster``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator, Sequence
+
+import grpc
+
+from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError
+from protos import pdserve_v1_pb2 as pb
+from protos import pdserve_v1_pb2_grpc as pb_grpc
+from router.dispatch import Dispatcher, FinalEvent, TokenEvent
+from router.policies import make_policy
+from router.pools import WorkerPool
+from router.validate import parse_request
+
+log = logging.getLogger("pdserve.router")
+VERSION = "0.1.0"
+POLL_INTERVAL_S = 0.25
+POLL_TIMEOUT_S = 2.0
+
+
+class PdServeService(pb_grpc.PdServeServicer):
+    """The public API over one dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, model: ModelInfo, request_timeout_s: float) -> None:
+        self.dispatcher, self.model, self.request_timeout_s = dispatcher, model, request_timeout_s
+        self._in_flight: set[str] = set()
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            req = parse_request(request)
+        except InvalidRequestError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if req.request_id in self._in_flight:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already running")
+        self._in_flight.add(req.request_id)
+        try:
+            async with asyncio.timeout(self._timeout(context)):
+                async for event in self.dispatcher.run(req):
+                    yield _to_proto(req.request_id, event)
+        except InvalidRequestError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except NoInstanceError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id} timed out")
+        finally:
+            self._in_flight.discard(req.request_id)
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
+
+    async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
+        pools = (self.dispatcher.prefill, self.dispatcher.decode)
+        await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in pools))
+        missing = [p.role for p in pools if not p.live()]
+        if missing:
+            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING,
+                                     detail=f"no live instance in pool(s): {', '.join(missing)}")
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail="all pools have a live instance")
+
+    async def ServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfoResponse:
+        pools = [_pool_info(p) for p in (self.dispatcher.prefill, self.dispatcher.decode)]
+        return pb.ServerInfoResponse(version=VERSION, model=self.model.model, max_model_len=self.model.max_model_len,
+                                     block_size=self.model.block_size, pools=pools)
+
+
+def _pool_info(pool: WorkerPool) -> pb.PoolInfo:
+    instances = [pb.InstanceInfo(name=s.instance, role=pool.role, alive=s.alive, waiting=s.waiting,
+                                 running=s.running, kv_cache_usage=s.kv_cache_usage,
+                                 prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
+                 for s in pool.snapshots()]
+    return pb.PoolInfo(role=pool.role, policy=pool.policy.name, instances=instances)
+
+
+def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateResponse:
+    if isinstance(event, TokenEvent):
+        return pb.GenerateResponse(request_id=request_id, token_ids=event.token_ids, text=event.text)
+    e = event
+    return pb.GenerateResponse(
+        request_id=request_id, final=True, finish_reason=e.finish_reason,
+        usage=pb.Usage(prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
+                       cached_prompt_tokens=e.cached_tokens),
+        timings=pb.Timings(queue_ms=e.queue_ms, prefill_ms=e.prefill_ms, kv_transfer_ms=e.kv_transfer_ms,
+                           ttft_ms=e.ttft_ms, e2e_ms=e.e2e_ms, kv_transfer_bytes=e.kv_transfer_bytes),
+        prefill_instance=e.prefill_instance, decode_instance=e.decode_instance)
+
+
+class RouterServer:
+    """The gRPC server plus the load poller; one per deployment."""
+
+    def __init__(self, prefill: Sequence[Any], decode: Sequence[Any], model: ModelInfo, prefill_policy: str = "round_robin",
+                 decode_policy: str = "round_robin", default_max_tokens: int = 64, request_timeout_s: float = 300.0) -> None:
+        self.prefill = WorkerPool("prefill", prefill, make_policy(prefill_policy))
+        self.decode = WorkerPool("decode", decode, make_policy(decode_policy))
+        dispatcher = Dispatcher(self.prefill, self.decode, model.max_model_len, default_max_tokens)
+        self.service = PdServeService(dispatcher, model, request_timeout_s)
+        self._server: grpc.aio.Server | None = None
+        self._poller: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind and start serving; returns the bound port."""
+        self._server = grpc.aio.server()
+        pb_grpc.add_PdServeServicer_to_server(self.service, self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        await self.prefill.refresh(POLL_TIMEOUT_S)
+        await self.decode.refresh(POLL_TIMEOUT_S)
+        await self._server.start()
+        self._poller = asyncio.create_task(self._poll())
+        log.info("router serving on %s:%d", host, bound)
+        return bound
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.gather(self.prefill.refresh(POLL_TIMEOUT_S), self.decode.refresh(POLL_TIMEOUT_S))
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting requests, let running ones end within ``grace_s``, stop polling."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._server is not None:
+            await self._server.stop(grace_s)
