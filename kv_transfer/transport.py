@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from kv_transfer.layout import KvLayout
 
 
+HOLD_WAIT_S = 5.0
+"""How long a pull waits for the sender's engine to register the blocks it named in a handle."""
+
+
 class KvTransferError(RuntimeError):
     """A pull failed: unreachable sender, unknown request, checksum mismatch, missing chunk."""
 
@@ -47,16 +51,26 @@ class HeldKv:
 
     lease_s: float
     _entries: dict[str, _Held] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _early_releases: dict[str, float] = field(default_factory=dict)  # id -> forget after
+    _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def hold(self, request_id: str, block_ids: list[int], fault: str = "") -> None:
-        """Start holding a finished prefill's blocks for one lease."""
+        """Start holding a finished prefill's blocks for one lease (already released if a release
+        for this id came first)."""
         with self._lock:
-            self._entries[request_id] = _Held(list(block_ids), time.monotonic() + self.lease_s, fault)
+            entry = _Held(list(block_ids), time.monotonic() + self.lease_s, fault)
+            entry.released = self._early_releases.pop(request_id, None) is not None
+            self._entries[request_id] = entry
+            self._lock.notify_all()
 
-    def pin(self, request_id: str) -> _Held | None:
-        """Mark a pull in flight (the lease cannot expire under it); None if unknown or ended."""
+    def pin(self, request_id: str, wait_s: float = 0.0) -> _Held | None:
+        """Mark a pull in flight (the lease cannot expire under it); None if unknown or ended.
+
+        Waits up to ``wait_s`` for the hold: the engine hands out a request's handle one engine
+        step before its worker side registers the blocks, so a fast decode instance can ask first.
+        """
         with self._lock:
+            self._lock.wait_for(lambda: request_id in self._entries, timeout=wait_s)
             entry = self._entries.get(request_id)
             if entry is None or entry.released:
                 return None
@@ -70,10 +84,12 @@ class HeldKv:
                 self._entries[request_id].pulls -= 1
 
     def release(self, request_id: str) -> bool:
-        """Mark the blocks free to reuse; False when the id is not held."""
+        """Mark the blocks free to reuse; False when the id is not held (yet: a hold that
+        arrives later within one lease starts released)."""
         with self._lock:
             entry = self._entries.get(request_id)
             if entry is None:
+                self._early_releases[request_id] = time.monotonic() + self.lease_s
                 return False
             entry.released = True
             return True
@@ -86,6 +102,8 @@ class HeldKv:
                     if (e.released or e.deadline <= now) and e.pulls == 0}
             for rid in done:
                 del self._entries[rid]
+            for rid in [r for r, forget in self._early_releases.items() if forget <= now]:
+                del self._early_releases[rid]
             return done
 
     def __len__(self) -> int:
@@ -98,7 +116,7 @@ class _KvServicer(pb_grpc.KvTransferServicer):
         self._held, self._layout, self._chunk_blocks = held, layout, chunk_blocks
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.KvChunk]:
-        entry = self._held.pin(request.request_id)
+        entry = self._held.pin(request.request_id, HOLD_WAIT_S)
         if entry is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id}")
         try:

@@ -44,6 +44,11 @@ class EngineWorker:
         """Prompt token ids; raises InvalidRequestError for an empty or too-long prompt."""
         return self.host.tokenize(prompt)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the engine's cached prefix blocks (operators after a model change; tests that
+        need a cold cache). False if blocks are in use."""
+        return await self.host.engine.reset_prefix_cache()
+
     async def abort(self, request_id: str) -> None:
         """Abort a request on this engine if it is still there."""
         await self.host.abort(request_id)
