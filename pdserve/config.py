@@ -121,7 +121,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     Raises ConfigError for an unknown key or a value of the wrong shape.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     _require(not unknown, f"unknown config key(s) {', '.join(path + k for k in unknown)}")

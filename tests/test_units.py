@@ -1,0 +1,121 @@
+"""Unit tests of the pure pieces: config, request validation, the request state machine, the
+round-robin policy, and the router's freedom from torch and vLLM."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdserve.client import build_request
+from pdserve.config import ConfigError, ServeConfig, load
+from pdserve.types import InvalidRequestError, LoadSnapshot, RequestState, SamplingSpec
+from router.policies import make_policy, RouteRequest
+from router.request import IllegalTransition, RouterRequest
+from router.validate import parse_request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deploy_yaml_loads_to_defaults():
+    assert load(ROOT / "deploy" / "local.yaml") == ServeConfig()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"prefil": {"instances": 2}}, "unknown config key(s) prefil"),
+    ({"engine": {"dtype": "int3"}}, "engine.dtype: unknown 'int3'"),
+    ({"engine": {"blocksize": 32}}, "unknown config key(s) engine.blocksize"),
+    ({"engine": {"block_size": 48}}, "engine.block_size must be"),
+    ({"engine": {"kv_cache_gib": 0.5}}, "engine.kv_cache_gib must be a whole number"),
+    ({"prefill": {"instances": 0}}, "pool instances must be >= 1"),
+    ({"port": 70000}, "port must be in 0..65535"),
+    ({"kv_transfer": {"lease_s": 0}}, "kv_transfer.lease_s must be > 0"),
+    ({"engine": 3}, "engine: expected a mapping, got int"),
+])
+def test_bad_config_is_rejected(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load(None, overrides)
+    assert message in str(info.value)
+
+
+def test_config_overrides_merge_into_yaml():
+    cfg = load(ROOT / "deploy" / "local.yaml", {"prefill": {"instances": 3}, "port": 0})
+    assert (cfg.prefill.instances, cfg.prefill.policy, cfg.port) == (3, "round_robin", 0)
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"prompt": "hi", "max_tokens": 5}, SamplingSpec(max_tokens=5)),
+    ({"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["\n"]},
+     SamplingSpec(max_tokens=0, temperature=0.7, top_p=0.9, top_k=40, seed=3, stop=("\n",))),
+    ({"prompt": "hi", "top_k": -1, "ignore_eos": True}, SamplingSpec(max_tokens=0, top_k=0, ignore_eos=True)),
+])
+def test_valid_sampling_is_parsed(kwargs, expected):
+    got = parse_request(build_request(**kwargs)).sampling
+    assert got.max_tokens == expected.max_tokens and got.top_k == expected.top_k and got.stop == expected.stop
+    assert got.seed == expected.seed and got.ignore_eos == expected.ignore_eos
+    assert got.temperature == pytest.approx(expected.temperature) and got.top_p == pytest.approx(expected.top_p)
+
+
+@pytest.mark.parametrize("kwargs,inputs", [
+    ({"prompt": "hello"}, ("hello", None, None)),
+    ({"messages": [("system", "be brief"), ("user", "hi")]}, (None, (("system", "be brief"), ("user", "hi")), None)),
+    ({"token_ids": [1, 2, 3]}, (None, None, (1, 2, 3))),
+])
+def test_inputs_are_parsed(kwargs, inputs):
+    p = parse_request(build_request(**kwargs)).prompt
+    assert (p.text, p.messages, p.token_ids) == inputs
+
+
+def test_request_id_is_generated_when_empty():
+    a, b = parse_request(build_request(prompt="x")), parse_request(build_request(prompt="x"))
+    assert a.request_id != b.request_id and len(a.request_id) == 32
+    with pytest.raises(InvalidRequestError, match="request_id longer than 128"):
+        parse_request(build_request(prompt="x", request_id="r" * 129))
+
+
+_S = RequestState
+TRANSITIONS = [  # (path from QUEUED, legal)
+    ([_S.PREFILLING, _S.TRANSFERRING, _S.DECODING, _S.FINISHED], True),
+    ([_S.PREFILLING, _S.FINISHED], True),
+    ([_S.REJECTED], True),
+    ([_S.PREFILLING, _S.TRANSFERRING, _S.CANCELLED], True),
+    ([_S.PREFILLING, _S.FAILED], True),
+    ([_S.DECODING], False),
+    ([_S.PREFILLING, _S.DECODING], False),
+    ([_S.PREFILLING, _S.FINISHED, _S.CANCELLED], False),
+    ([_S.CANCELLED, _S.FAILED], False),
+]
+
+
+@pytest.mark.parametrize("path,legal", TRANSITIONS)
+def test_request_state_machine(path, legal):
+    req = RouterRequest("r", None, SamplingSpec(max_tokens=1))
+    if legal:
+        for state in path:
+            req.to(state)
+        assert req.state is path[-1] and req.state.value in req.marks
+    else:
+        with pytest.raises(IllegalTransition):
+            for state in path:
+                req.to(state)
+
+
+def test_round_robin_cycles_in_name_order_over_live_candidates():
+    policy = make_policy("round_robin")
+    req = RouteRequest("r", (1, 2), 4)
+    snaps = [LoadSnapshot("p-1"), LoadSnapshot("p-0"), LoadSnapshot("p-2")]
+    assert [policy.select(req, snaps) for _ in range(4)] == ["p-0", "p-1", "p-2", "p-0"]
+    assert policy.select(req, snaps[:2]) == "p-0"
+
+
+def test_unknown_policy_names_the_known_ones():
+    with pytest.raises(ValueError, match="known: round_robin"):
+        make_policy("best_guess")
+
+
+def test_router_imports_neither_torch_nor_vllm():
+    code = ("import sys, router.server, router.dispatch, kv_transfer.transport, kv_transfer.handle, pdserve.cli;"
+            "bad = [m for m in ('torch', 'vllm') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
