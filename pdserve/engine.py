@@ -40,7 +40,7 @@ def engine_args(cfg: EngineConfig, model: str, role: str, connector: dict[str, A
 def sampling_params(spec: SamplingSpec, max_tokens: int, kv_params: dict[str, Any] | None) -> SamplingParams:
     """vLLM sampling parameters streaming deltas, with optional KV-transfer params."""
     return SamplingParams(max_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                          top_k=spec.top_k if spec.top_k > 0 else 0, seed=spec.seed, stop=list(spec.stop),
+                          top_k=spec.top_k, seed=spec.seed, stop=list(spec.stop),
                           ignore_eos=spec.ignore_eos, output_kind=RequestOutputKind.DELTA,
                           extra_args={"kv_transfer_params": kv_params} if kv_params else None)
 

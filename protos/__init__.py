@@ -1,0 +1,1 @@
+"""Generated gRPC code of pdserve's protos (``make protos`` regenerates it; committed)."""

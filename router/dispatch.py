@@ -110,7 +110,7 @@ class Dispatcher:
 
     async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
         """Tokenize on a live prefill worker and check the lengths against the context."""
-        worker = self.prefill.pick(RouteRequest(req.request_id, (), 0))
+        worker = self.prefill.helper()
         try:
             ids = await _await(self.prefill, worker, worker.actor.tokenize.remote(req.prompt))
         except InvalidRequestError:

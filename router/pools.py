@@ -23,6 +23,7 @@ class WorkerPool:
         self.role, self.policy = role, policy
         self._workers = {w.name: w for w in workers}
         self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
+        self._helper_turn = 0
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -41,6 +42,15 @@ class WorkerPool:
         if not candidates:
             raise NoInstanceError(f"no live {self.role} instance")
         return self._workers[self.policy.select(request, candidates)]
+
+    def helper(self) -> Any:
+        """A live worker for side work (tokenization), in turn, without consulting the policy
+        (so the policy's own state, e.g. a round-robin cursor, only sees real routing)."""
+        candidates = self.live()
+        if not candidates:
+            raise NoInstanceError(f"no live {self.role} instance")
+        self._helper_turn += 1
+        return self._workers[candidates[self._helper_turn % len(candidates)].instance]
 
     def get(self, name: str) -> Any:
         """The worker named ``name``."""

@@ -51,6 +51,11 @@ class PdServeService(pb_grpc.PdServeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id} timed out")
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:  # a bug must not take the server down: log it, answer INTERNAL
+            log.exception("request %s failed", req.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}".splitlines()[0])
         finally:
             self._in_flight.discard(req.request_id)
 

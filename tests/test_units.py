@@ -119,3 +119,21 @@ def test_router_imports_neither_torch_nor_vllm():
             "bad = [m for m in ('torch', 'vllm') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pool_helper_turns_do_not_move_the_policy():
+    """Tokenization picks a helper in turn; round-robin routing still alternates (2 instances)."""
+    from types import SimpleNamespace
+
+    from router.pools import WorkerPool
+
+    pool = WorkerPool("prefill", [SimpleNamespace(name=f"prefill-{i}", actor=None) for i in range(2)],
+                      make_policy("round_robin"))
+    routed = []
+    for _ in range(4):
+        pool.helper()
+        routed.append(pool.pick(RouteRequest("r", (), 1)).name)
+    assert routed == ["prefill-0", "prefill-1", "prefill-0", "prefill-1"]
+    pool.mark_dead("prefill-0")
+    assert {pool.helper().name for _ in range(3)} == {"prefill-1"}
+    assert pool.pick(RouteRequest("r", (), 1)).name == "prefill-1"
