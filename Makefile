@@ -10,7 +10,7 @@ PORT ?= 50051
 TORCH_PIN_cpu := torch==2.13.0
 TORCH_PIN_gpu :=
 
-.PHONY: setup run test protos
+.PHONY: setup run test test-tools protos
 
 setup: $(STAMP)
 	@$(VENV)/bin/pdserve prepare-model >/dev/null
@@ -28,8 +28,17 @@ run: setup
 	$(VENV)/bin/pdserve health --target 127.0.0.1:$(PORT) --wait 600 && \
 	$(VENV)/bin/pdserve generate --target 127.0.0.1:$(PORT) --max-tokens 48 "What is the capital of France?"
 
-test: setup
+test: setup test-tools
 	$(PY) -m pytest -v tests
+
+# Debian's Prometheus for tests/test_prometheus.py (skipped, with a message, where it cannot be had).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo "sudo -n")
+test-tools:
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && \
+	  { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+	      $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; }; } || \
+	  echo "note: Debian's prometheus package could not be installed; tests/test_prometheus.py will be skipped"
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default="127.0.0.1:50051")
     health.add_argument("--wait", type=float, default=0.0, help="keep asking for up to this many seconds")
     health.set_defaults(func=_health)
+    status = sub.add_parser("status", help="a table of the pools: instances, health, load, cache hits, latency")
+    status.add_argument("--target", default="127.0.0.1:50051")
+    status.set_defaults(func=_status)
     prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
     prep.set_defaults(func=_prepare)
     return parser
@@ -86,12 +89,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_router(cfg: config_mod.ServeConfig, cluster: object) -> None:
-    from router.server import RouterServer
+    from router.server import RouterServer, ServiceSettings
 
-    server = RouterServer(cluster.prefill, cluster.decode, cluster.model_info, cfg.prefill.policy,
-                          cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s)
-    port = await server.start(cfg.host, cfg.port)
-    print(f"pdserve serving on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode)",
+    server = RouterServer(cluster.prefill, cluster.decode, cluster.model_info, ServiceSettings.from_config(cfg))
+    port = await server.start(cfg.host, cfg.port, cfg.metrics_port)
+    metrics = f", metrics on :{server.service.metrics_port}/metrics" if cfg.metrics_port >= 0 else ""
+    print(f"pdserve serving on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode{metrics})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,6 +145,38 @@ def _health(args: argparse.Namespace) -> int:
             print(detail, file=sys.stderr)
             return 1
         time.sleep(1.0)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pdserve.client import PdServeClient
+
+    try:
+        info = PdServeClient(args.target).info()
+    except grpc.RpcError as err:
+        print(f"pdserve: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print(format_status(info))
+    return 0 if all(i.alive for p in info.pools for i in p.instances) else 1
+
+
+STATUS_COLUMNS = ("POOL", "INSTANCE", "HEALTH", "WAITING", "RUNNING", "KV-CACHE", "PREFIX-HIT", "TTFT-P50", "TPOT-P50")
+
+
+def format_status(info: object) -> str:
+    """The ``pdserve status`` table for a ServerInfoResponse."""
+    rows = [STATUS_COLUMNS]
+    for pool in info.pools:
+        for i in pool.instances:
+            hit = f"{100 * i.prefix_cache_hits / i.prefix_cache_queries:.1f}%" if i.prefix_cache_queries else "-"
+            rows.append((f"{pool.role} ({pool.policy})", i.name, "up" if i.alive else "DOWN", str(i.waiting),
+                         str(i.running), f"{100 * i.kv_cache_usage:.1f}%", hit,
+                         f"{i.recent_ttft_ms:.0f} ms" if i.recent_ttft_ms else "-",
+                         f"{i.recent_tpot_ms:.1f} ms" if i.recent_tpot_ms else "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(STATUS_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    metrics = f", metrics on :{info.metrics_port}/metrics" if info.metrics_port else ""
+    head = f"pdserve {info.version}: {info.model} (context {info.max_model_len}, block {info.block_size}{metrics})"
+    return "\n".join([head, *lines])
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -50,9 +50,10 @@ class Cluster:
         from prefill_worker.worker import PrefillWorker
 
         for i in range(self.cfg.prefill.instances):
-            self.prefill.append(self._spawn(PrefillWorker, f"prefill-{i}", model, i, gpu))
+            self.prefill.append(self._spawn(PrefillWorker, f"prefill-{i}", model, i, gpu, self.cfg.prefill.ray_resources))
         for i in range(self.cfg.decode.instances):
-            self.decode.append(self._spawn(DecodeWorker, f"decode-{i}", model, self.cfg.prefill.instances + i, gpu))
+            self.decode.append(self._spawn(DecodeWorker, f"decode-{i}", model, self.cfg.prefill.instances + i, gpu,
+                                           self.cfg.decode.ray_resources))
         infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=self.ready_timeout_s)
         self.model_info = infos[0]
         log.info("cluster up: %d prefill, %d decode, model %s", len(self.prefill), len(self.decode), model)
@@ -83,14 +84,14 @@ class Cluster:
             return ray.cluster_resources().get("GPU", 0) > 0
         return device == "gpu"
 
-    def _spawn(self, cls: type, name: str, model: str, index: int, gpu: bool) -> WorkerRef:
+    def _spawn(self, cls: type, name: str, model: str, index: int, gpu: bool, resources: dict) -> WorkerRef:
         local = not (self.cfg.ray_address or env.ray_address())
         core = index % env.cpu_count() if local and not gpu else None
         env_vars = env.worker_process_env(core, self.cfg.engine.kv_cache_gib)
         if local:
             env_vars["VLLM_HOST_IP"] = "127.0.0.1"
         actor = ray.remote(cls).options(
-            name=name, num_cpus=1, num_gpus=1 if gpu else 0, max_concurrency=1000,
+            name=name, num_cpus=1, num_gpus=1 if gpu else 0, resources=dict(resources), max_concurrency=1000,
             runtime_env={"env_vars": env_vars},
         ).remote(name, self.cfg.engine, model, self.cfg.kv_transfer)
         return WorkerRef(name, cls.role, actor)

@@ -81,9 +81,15 @@ class PoolConfig:
     """Number of worker actors (each hosts one engine)."""
     policy: str = "round_robin"
     """Routing policy name (see ``router.policies``)."""
+    ray_resources: dict = field(default_factory=dict)
+    """Extra Ray resources each worker of the pool asks for, e.g. ``{"pdserve_prefill": 1}`` to
+    place it on the node group that advertises that resource (deploy/ray-cluster.yaml)."""
 
     def __post_init__(self) -> None:
         _require(self.instances >= 1, "pool instances must be >= 1")
+        _require(isinstance(self.ray_resources, dict) and all(
+            isinstance(v, (int, float)) and v > 0 for v in self.ray_resources.values()),
+            "pool ray_resources must map resource names to amounts > 0")
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,12 @@ class ServeConfig:
     """Engine settings for every worker."""
     kv_transfer: KvTransferConfig = field(default_factory=KvTransferConfig)
     """KV-transfer settings."""
+    metrics_port: int = 9400
+    """Port of the router's Prometheus ``/metrics`` endpoint (0 picks a free one, -1 disables)."""
+    slo_ttft_ms: float = 0.0
+    """TTFT target applied to requests that set none (0: none); counted in the SLO metrics."""
+    slo_tpot_ms: float = 0.0
+    """TPOT target applied to requests that set none (0: none)."""
     default_max_tokens: int = 64
     """max_tokens used when a request leaves it 0."""
     request_timeout_s: float = 300.0
@@ -111,6 +123,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port must be in 0..65535")
+        _require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")
+        _require(self.slo_ttft_ms >= 0 and self.slo_tpot_ms >= 0, "slo_ttft_ms and slo_tpot_ms must be >= 0")
         _require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
         _require(self.request_timeout_s > 0, "request_timeout_s must be > 0")
 

@@ -104,3 +104,57 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     eos_token_id: int | None
+
+
+class Outcome(enum.Enum):
+    """How a request ended, for accounting."""
+
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What the router knows of a request once it has ended (emitted once per request)."""
+
+    outcome: Outcome
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    prefill_s: float | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    inter_token_s: tuple[float, ...] = ()
+    """Gaps between consecutive output tokens as the router saw them."""
+    kv_transfer_s: float | None = None
+    kv_transfer_bytes: int | None = None
+    kv_transfer_failed: bool = False
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
+    prefill_instance: str = ""
+    decode_instance: str = ""
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        return sum(self.inter_token_s) / len(self.inter_token_s) if self.inter_token_s else None
+
+    def slo_met(self) -> tuple[bool, bool]:
+        """(TTFT met, TPOT met); an unset target counts as met."""
+        ttft_ok = not self.ttft_slo_s or (self.ttft_s is not None and self.ttft_s <= self.ttft_slo_s)
+        tpot = self.tpot_s
+        tpot_ok = not self.tpot_slo_s or tpot is None or tpot <= self.tpot_slo_s
+        return ttft_ok, tpot_ok
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """One routing decision: which instance of which pool, chosen by which policy, and why."""
+
+    pool: str
+    policy: str
+    instance: str
+    reason: str

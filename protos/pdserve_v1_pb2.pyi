@@ -144,7 +144,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("name", "role", "alive", "waiting", "running", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits")
+    __slots__ = ("name", "role", "alive", "waiting", "running", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "recent_ttft_ms", "recent_tpot_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,8 @@ class InstanceInfo(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     alive: bool
@@ -161,7 +163,9 @@ class InstanceInfo(_message.Message):
     kv_cache_usage: float
     prefix_cache_queries: int
     prefix_cache_hits: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
+    recent_ttft_ms: float
+    recent_tpot_ms: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
     __slots__ = ("role", "policy", "instances")
@@ -174,15 +178,17 @@ class PoolInfo(_message.Message):
     def __init__(self, role: _Optional[str] = ..., policy: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "max_model_len", "block_size", "pools")
+    __slots__ = ("version", "model", "max_model_len", "block_size", "pools", "metrics_port")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     max_model_len: int
     block_size: int
     pools: _containers.RepeatedCompositeFieldContainer[PoolInfo]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ...) -> None: ...
+    metrics_port: int
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., metrics_port: _Optional[int] = ...) -> None: ...

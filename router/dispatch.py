@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable
 
 import ray
 
 from kv_transfer import transport
 from kv_transfer.handle import KvHandle
-from pdserve.types import InvalidRequestError, NoInstanceError, RequestState
+from pdserve.types import InvalidRequestError, NoInstanceError, Outcome, RequestRecord, RequestState
 from router.policies import RouteRequest
 from router.pools import WorkerPool
 from router.request import RouterRequest
@@ -56,21 +57,38 @@ class FinalEvent:
 
 @dataclass
 class _Legs:
-    """What of a request is outstanding on the workers, for cleanup."""
+    """What of a request is outstanding on the workers (for cleanup) and what it produced (for
+    its record)."""
 
     prefill: Any = None
     prefill_ref: Any = None
     handle: KvHandle | None = None
     decode: Any = None
     decode_done: bool = False
+    result: Any = None
+    finish: str = ""
+    completion: int = 0
+    kv: dict = field(default_factory=dict)
+    gaps: list[float] = field(default_factory=list)
+    last_token_at: float = 0.0
+
+    def tokens_sent(self, count: int) -> None:
+        """Account ``count`` tokens sent now (gaps are spread evenly over a message's tokens)."""
+        now = time.perf_counter()
+        if self.completion and count:
+            self.gaps += [(now - self.last_token_at) / count] * count
+        self.completion += count
+        self.last_token_at = now
 
 
 class Dispatcher:
     """The disaggregated request path over two pools."""
 
-    def __init__(self, prefill: WorkerPool, decode: WorkerPool, max_model_len: int, default_max_tokens: int) -> None:
+    def __init__(self, prefill: WorkerPool, decode: WorkerPool, max_model_len: int, default_max_tokens: int,
+                 record: Callable[[RequestRecord], None] = lambda rec: None) -> None:
         self.prefill, self.decode = prefill, decode
         self.max_model_len, self.default_max_tokens = max_model_len, default_max_tokens
+        self._record = record
 
     async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Stream the request's events; raises InvalidRequestError, NoInstanceError (or
@@ -85,28 +103,27 @@ class Dispatcher:
             raise
         finally:
             await asyncio.shield(self._cleanup(req, legs))
+            self._record(_request_record(req, legs))
 
     async def _run(self, req: RouterRequest, legs: _Legs) -> AsyncIterator[TokenEvent | FinalEvent]:
         route, ids = await self._prepare(req)
         legs.prefill = self.prefill.pick(route)
         req.to(RequestState.PREFILLING)
         legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
-        result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
+        result = legs.result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
         legs.prefill_ref, legs.handle = None, KvHandle.from_params(result.kv_params)
         req.mark("first_token")
+        legs.tokens_sent(1)
         yield TokenEvent((result.token_id,), result.text)
-        if legs.handle is None:
-            req.to(RequestState.FINISHED)
-            yield self._final(req, result, result.finish_reason or "length", 1, {}, legs)
-            return
-        completion, finish, kv = 1, "length", {}
-        async for chunk in self._decode(req, route, ids, result, legs):
-            completion += len(chunk.token_ids)
-            if chunk.token_ids or chunk.text:
-                yield TokenEvent(chunk.token_ids, chunk.text)
-            finish, kv = chunk.finish_reason or finish, chunk.kv or kv
+        legs.finish = result.finish_reason or "length"
+        if legs.handle is not None:
+            async for chunk in self._decode(req, route, ids, result, legs):
+                if chunk.token_ids or chunk.text:
+                    legs.tokens_sent(len(chunk.token_ids))
+                    yield TokenEvent(chunk.token_ids, chunk.text)
+                legs.finish, legs.kv = chunk.finish_reason or legs.finish, chunk.kv or legs.kv
         req.to(RequestState.FINISHED)
-        yield self._final(req, result, finish, completion, kv, legs)
+        yield self._final(req, legs)
 
     async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
         """Tokenize on a live prefill worker and check the lengths against the context."""
@@ -144,10 +161,10 @@ class Dispatcher:
             raise WorkerFailedError(f"{legs.decode.name} failed: {type(err).__name__}") from None
         legs.decode_done = True
 
-    def _final(self, req: RouterRequest, result: Any, finish: str, completion: int, kv: dict,
-               legs: _Legs) -> FinalEvent:
+    def _final(self, req: RouterRequest, legs: _Legs) -> FinalEvent:
+        result, kv = legs.result, legs.kv
         return FinalEvent(
-            finish_reason=finish, prompt_tokens=result.num_prompt_tokens, completion_tokens=completion,
+            finish_reason=legs.finish, prompt_tokens=result.num_prompt_tokens, completion_tokens=legs.completion,
             cached_tokens=result.num_cached_tokens, queue_ms=req.since_arrival_ms(RequestState.PREFILLING.value),
             prefill_ms=result.prefill_ms, kv_transfer_ms=kv.get("ms", 0.0), kv_transfer_bytes=kv.get("bytes", 0),
             ttft_ms=req.since_arrival_ms("first_token"), e2e_ms=req.since_arrival_ms(RequestState.FINISHED.value),
@@ -189,6 +206,26 @@ async def _quiet(ref: Any) -> Any:
         return await ref
     except Exception:
         return None
+
+
+_OUTCOME = {RequestState.FINISHED: Outcome.FINISHED, RequestState.CANCELLED: Outcome.CANCELLED,
+            RequestState.REJECTED: Outcome.REJECTED, RequestState.FAILED: Outcome.FAILED}
+
+
+def _request_record(req: RouterRequest, legs: _Legs) -> RequestRecord:
+    """The request's record for the stats, whatever way it ended."""
+    def seconds(name: str) -> float | None:
+        return req.since_arrival_ms(name) / 1e3 if name in req.marks else None
+
+    result, kv = legs.result, legs.kv
+    return RequestRecord(
+        outcome=_OUTCOME.get(req.state, Outcome.FAILED), finish_reason=legs.finish if req.state is RequestState.FINISHED else "",
+        prompt_tokens=result.num_prompt_tokens if result else 0, completion_tokens=legs.completion,
+        queue_s=seconds(RequestState.PREFILLING.value), prefill_s=result.prefill_ms / 1e3 if result else None,
+        ttft_s=seconds("first_token"), e2e_s=seconds(RequestState.FINISHED.value), inter_token_s=tuple(legs.gaps),
+        kv_transfer_s=kv["ms"] / 1e3 if "ms" in kv else None, kv_transfer_bytes=kv.get("bytes"),
+        kv_transfer_failed=bool(kv.get("failed")), ttft_slo_s=req.ttft_slo_ms / 1e3, tpot_slo_s=req.tpot_slo_ms / 1e3,
+        prefill_instance=legs.prefill.name if legs.prefill else "", decode_instance=legs.decode.name if legs.decode else "")
 
 
 def _terminal_state(err: BaseException) -> RequestState:

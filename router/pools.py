@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from pdserve.types import LoadSnapshot, NoInstanceError
+from pdserve.types import LoadSnapshot, NoInstanceError, RouteDecision
 from router.policies import Policy, RouteRequest
 
 log = logging.getLogger("pdserve.router")
@@ -19,8 +19,9 @@ log = logging.getLogger("pdserve.router")
 class WorkerPool:
     """A role's workers (objects with ``name`` and a Ray ``actor`` handle)."""
 
-    def __init__(self, role: str, workers: Sequence[Any], policy: Policy) -> None:
-        self.role, self.policy = role, policy
+    def __init__(self, role: str, workers: Sequence[Any], policy: Policy,
+                 on_decision: Callable[[RouteDecision], None] = lambda decision: None) -> None:
+        self.role, self.policy, self._on_decision = role, policy, on_decision
         self._workers = {w.name: w for w in workers}
         self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
         self._helper_turn = 0
@@ -41,7 +42,9 @@ class WorkerPool:
         candidates = self.live()
         if not candidates:
             raise NoInstanceError(f"no live {self.role} instance")
-        return self._workers[self.policy.select(request, candidates)]
+        choice = self.policy.select(request, candidates)
+        self._on_decision(RouteDecision(self.role, self.policy.name, choice.instance, choice.reason))
+        return self._workers[choice.instance]
 
     def helper(self) -> Any:
         """A live worker for side work (tokenization), in turn, without consulting the policy

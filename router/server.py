@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError
+from pdserve.config import ServeConfig
+from pdserve.metrics import PrometheusExporter
+from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, RequestRecord
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.dispatch import Dispatcher, FinalEvent, TokenEvent
 from router.policies import make_policy
 from router.pools import WorkerPool
+from router.stats import RouterStats
 from router.validate import parse_request
 
 log = logging.getLogger("pdserve.router")
@@ -29,15 +33,19 @@ POLL_TIMEOUT_S = 2.0
 class PdServeService(pb_grpc.PdServeServicer):
     """The public API over one dispatcher."""
 
-    def __init__(self, dispatcher: Dispatcher, model: ModelInfo, request_timeout_s: float) -> None:
-        self.dispatcher, self.model, self.request_timeout_s = dispatcher, model, request_timeout_s
+    def __init__(self, dispatcher: Dispatcher, model: ModelInfo, stats: RouterStats, settings: ServiceSettings) -> None:
+        self.dispatcher, self.model, self.stats, self.settings = dispatcher, model, stats, settings
+        self.metrics_port = 0
         self._in_flight: set[str] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
             req = parse_request(request)
         except InvalidRequestError as err:
+            self.stats.record_request(RequestRecord(Outcome.REJECTED))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        req.ttft_slo_ms = req.ttft_slo_ms or self.settings.slo_ttft_ms
+        req.tpot_slo_ms = req.tpot_slo_ms or self.settings.slo_tpot_ms
         if req.request_id in self._in_flight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already running")
         self._in_flight.add(req.request_id)
@@ -60,8 +68,8 @@ class PdServeService(pb_grpc.PdServeServicer):
             self._in_flight.discard(req.request_id)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
+        remaining, limit = context.time_remaining(), self.settings.request_timeout_s
+        return min(remaining, limit) if remaining is not None else limit
 
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
         pools = (self.dispatcher.prefill, self.dispatcher.decode)
@@ -73,16 +81,19 @@ class PdServeService(pb_grpc.PdServeServicer):
         return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail="all pools have a live instance")
 
     async def ServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfoResponse:
-        pools = [_pool_info(p) for p in (self.dispatcher.prefill, self.dispatcher.decode)]
+        pools = [_pool_info(p, self.stats) for p in (self.dispatcher.prefill, self.dispatcher.decode)]
         return pb.ServerInfoResponse(version=VERSION, model=self.model.model, max_model_len=self.model.max_model_len,
-                                     block_size=self.model.block_size, pools=pools)
+                                     block_size=self.model.block_size, pools=pools, metrics_port=self.metrics_port)
 
 
-def _pool_info(pool: WorkerPool) -> pb.PoolInfo:
-    instances = [pb.InstanceInfo(name=s.instance, role=pool.role, alive=s.alive, waiting=s.waiting,
-                                 running=s.running, kv_cache_usage=s.kv_cache_usage,
-                                 prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
-                 for s in pool.snapshots()]
+def _pool_info(pool: WorkerPool, stats: RouterStats) -> pb.PoolInfo:
+    instances = []
+    for s in pool.snapshots():
+        ttft_ms, tpot_ms = stats.recent_ms(s.instance)
+        instances.append(pb.InstanceInfo(
+            name=s.instance, role=pool.role, alive=s.alive, waiting=s.waiting, running=s.running,
+            kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, recent_ttft_ms=ttft_ms, recent_tpot_ms=tpot_ms))
     return pb.PoolInfo(role=pool.role, policy=pool.policy.name, instances=instances)
 
 
@@ -99,20 +110,45 @@ def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateRes
         prefill_instance=e.prefill_instance, decode_instance=e.decode_instance)
 
 
-class RouterServer:
-    """The gRPC server plus the load poller; one per deployment."""
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The router's request-handling settings (from ``ServeConfig``)."""
 
-    def __init__(self, prefill: Sequence[Any], decode: Sequence[Any], model: ModelInfo, prefill_policy: str = "round_robin",
-                 decode_policy: str = "round_robin", default_max_tokens: int = 64, request_timeout_s: float = 300.0) -> None:
-        self.prefill = WorkerPool("prefill", prefill, make_policy(prefill_policy))
-        self.decode = WorkerPool("decode", decode, make_policy(decode_policy))
-        dispatcher = Dispatcher(self.prefill, self.decode, model.max_model_len, default_max_tokens)
-        self.service = PdServeService(dispatcher, model, request_timeout_s)
+    prefill_policy: str = "round_robin"
+    decode_policy: str = "round_robin"
+    default_max_tokens: int = 64
+    request_timeout_s: float = 300.0
+    slo_ttft_ms: float = 0.0
+    slo_tpot_ms: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
+        """The subset of a deployment's config the router uses."""
+        return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
+                   cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+
+
+class RouterServer:
+    """The gRPC server, the load poller and the metrics endpoint; one per deployment."""
+
+    def __init__(self, prefill: Sequence[Any], decode: Sequence[Any], model: ModelInfo,
+                 settings: ServiceSettings = ServiceSettings()) -> None:
+        self.stats = RouterStats()
+        self.prefill = WorkerPool("prefill", prefill, make_policy(settings.prefill_policy), self.stats.record_decision)
+        self.decode = WorkerPool("decode", decode, make_policy(settings.decode_policy), self.stats.record_decision)
+        self.exporter = PrometheusExporter([self.prefill, self.decode])
+        self.stats.listeners.append(self.exporter)
+        dispatcher = Dispatcher(self.prefill, self.decode, model.max_model_len, settings.default_max_tokens,
+                                self.stats.record_request)
+        self.service = PdServeService(dispatcher, model, self.stats, settings)
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start serving; returns the bound port."""
+    async def start(self, host: str, port: int, metrics_port: int = -1) -> int:
+        """Bind and start serving (and ``/metrics`` unless ``metrics_port`` is -1); returns the
+        bound gRPC port (the metrics port is ``service.metrics_port``)."""
+        if metrics_port >= 0:
+            self.service.metrics_port = self.exporter.serve(host, metrics_port)
         self._server = grpc.aio.server()
         pb_grpc.add_PdServeServicer_to_server(self.service, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
@@ -138,3 +174,4 @@ class RouterServer:
                 await self._poller
         if self._server is not None:
             await self._server.stop(grace_s)
+        self.exporter.stop()

@@ -32,14 +32,15 @@ class LiveRouter:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
 
-def start_router(workers_prefill: list, workers_decode: list, model_info: Any, **kwargs: Any) -> LiveRouter:
-    """Start a RouterServer on 127.0.0.1 (free port) in a daemon thread."""
-    from router.server import RouterServer
+def start_router(workers_prefill: list, workers_decode: list, model_info: Any, metrics: bool = True,
+                 **settings: Any) -> LiveRouter:
+    """Start a RouterServer on 127.0.0.1 (free ports) in a daemon thread."""
+    from router.server import RouterServer, ServiceSettings
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True, name="router-loop").start()
-    server = RouterServer(workers_prefill, workers_decode, model_info, **kwargs)
-    port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(60)
+    server = RouterServer(workers_prefill, workers_decode, model_info, ServiceSettings(**settings))
+    port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0, 0 if metrics else -1), loop).result(60)
     return LiveRouter(f"127.0.0.1:{port}", server, loop)
 
 

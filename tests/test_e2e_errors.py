@@ -120,3 +120,17 @@ def test_server_info_lists_pools(client):
     assert info.max_model_len == 2048 and info.block_size == 32
     assert [(p.role, [i.name for i in p.instances]) for p in info.pools] == [("prefill", ["prefill-0"]), ("decode", ["decode-0"])]
     assert all(i.alive for p in info.pools for i in p.instances)
+
+
+def test_cli_status_table(router, client):
+    client.complete(build_request(prompt="Status check", max_tokens=4, ignore_eos=True))
+    out = subprocess.run([sys.executable, "-m", "pdserve.cli", "status", "--target", router.target],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split() == ["POOL", "INSTANCE", "HEALTH", "WAITING", "RUNNING", "KV-CACHE", "PREFIX-HIT",
+                                "TTFT-P50", "TPOT-P50"]
+    prefill = next(line for line in lines if "prefill-0" in line).split()
+    decode = next(line for line in lines if "decode-0" in line).split()
+    assert prefill[:4] == ["prefill", "(round_robin)", "prefill-0", "up"] and prefill[-2:-1] == ["ms"] and prefill[-1] == "-"
+    assert decode[:4] == ["decode", "(round_robin)", "decode-0", "up"] and decode[-1] == "ms" and decode[-3] == "-"

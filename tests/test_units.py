@@ -11,7 +11,7 @@ import pytest
 from pdserve.client import build_request
 from pdserve.config import ConfigError, ServeConfig, load
 from pdserve.types import InvalidRequestError, LoadSnapshot, RequestState, SamplingSpec
-from router.policies import make_policy, RouteRequest
+from router.policies import Choice, RouteRequest, make_policy
 from router.request import IllegalTransition, RouterRequest
 from router.validate import parse_request
 
@@ -105,8 +105,8 @@ def test_round_robin_cycles_in_name_order_over_live_candidates():
     policy = make_policy("round_robin")
     req = RouteRequest("r", (1, 2), 4)
     snaps = [LoadSnapshot("p-1"), LoadSnapshot("p-0"), LoadSnapshot("p-2")]
-    assert [policy.select(req, snaps) for _ in range(4)] == ["p-0", "p-1", "p-2", "p-0"]
-    assert policy.select(req, snaps[:2]) == "p-0"
+    assert [policy.select(req, snaps).instance for _ in range(4)] == ["p-0", "p-1", "p-2", "p-0"]
+    assert policy.select(req, snaps[:2]) == Choice("p-0", "rotation")
 
 
 def test_unknown_policy_names_the_known_ones():

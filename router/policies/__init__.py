@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from router.policies.base import Policy, RouteRequest
+from router.policies.base import Choice, Policy, RouteRequest
 from router.policies.round_robin import RoundRobinPolicy
 
 POLICIES: dict[str, Callable[..., Policy]] = {
@@ -18,4 +18,4 @@ def make_policy(name: str, **params: Any) -> Policy:
     return POLICIES[name](**params)
 
 
-__all__ = ["POLICIES", "Policy", "RouteRequest", "make_policy"]
+__all__ = ["POLICIES", "Choice", "Policy", "RouteRequest", "make_policy"]

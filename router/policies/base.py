@@ -23,11 +23,20 @@ class RouteRequest:
     priority: int = 0
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A policy's answer: the chosen instance and why (a low-cardinality word for metrics:
+    ``rotation``, ``affinity``, ``load``, ``slo_switch``, ``rebalance``, ...)."""
+
+    instance: str
+    reason: str
+
+
 class Policy(Protocol):
     """Chooses one of ``candidates`` (never empty, all alive) for ``request``."""
 
     name: str
 
-    def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> str:
-        """Return the ``instance`` name of the chosen candidate."""
+    def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
+        """Return the chosen candidate's instance name and the reason."""
         ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pdserve.types import LoadSnapshot
-from router.policies.base import RouteRequest
+from router.policies.base import Choice, RouteRequest
 
 
 class RoundRobinPolicy:
@@ -15,8 +15,8 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._cursor = 0
 
-    def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> str:
+    def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         ordered = sorted(c.instance for c in candidates)
         choice = ordered[self._cursor % len(ordered)]
         self._cursor += 1
-        return choice
+        return Choice(choice, "rotation")
