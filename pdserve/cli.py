@@ -75,6 +75,13 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, _overrides(args))
+    from router.policies import make_policy
+
+    for name in (cfg.prefill.policy, cfg.decode.policy):
+        try:
+            make_policy(name)
+        except ValueError as err:
+            raise config_mod.ConfigError(str(err)) from None
     if not (cfg.ray_address or env.ray_address()):
         env.apply(env.embedded_ray_env())  # before Ray is first imported: it reads them then
     from pdserve.cluster import Cluster

@@ -79,8 +79,9 @@ class PoolConfig:
 
     instances: int = 1
     """Number of worker actors (each hosts one engine)."""
-    policy: str = "round_robin"
-    """Routing policy name (see ``router.policies``)."""
+    policy: str = ""
+    """Routing policy name (see ``router.policies``); empty: ``dualmap`` for prefill,
+    ``decode_p2c`` for decode."""
     ray_resources: dict = field(default_factory=dict)
     """Extra Ray resources each worker of the pool asks for, e.g. ``{"pdserve_prefill": 1}`` to
     place it on the node group that advertises that resource (deploy/ray-cluster.yaml)."""
@@ -102,9 +103,9 @@ class ServeConfig:
     """gRPC port of the router (0 picks a free one)."""
     ray_address: str = ""
     """Ray cluster to join; empty starts an embedded local Ray on loopback."""
-    prefill: PoolConfig = field(default_factory=PoolConfig)
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(policy="dualmap"))
     """The prefill pool."""
-    decode: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(policy="decode_p2c"))
     """The decode pool."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Engine settings for every worker."""
@@ -141,9 +142,13 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     _require(not unknown, f"unknown config key(s) {', '.join(path + k for k in unknown)}")
     values = {}
     for name, value in data.items():
-        ftype = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(ftype):
-            value = from_dict(ftype, value, f"{path}{name}.")
+        factory = fields[name].default_factory
+        default = factory() if factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):  # a section overrides its field's own default
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}{name}: expected a mapping, got {type(value).__name__}")
+            base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+            value = from_dict(type(default), {**base, **value}, f"{path}{name}.")
         values[name] = value
     return cls(**values)
 

@@ -57,7 +57,8 @@ class EngineHost:
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory])
         self.tokenizer = self.engine.get_tokenizer()
         self.info = ModelInfo(model=model, max_model_len=cfg.max_model_len, block_size=cfg.block_size,
-                              eos_token_id=self.tokenizer.eos_token_id)
+                              eos_token_id=self.tokenizer.eos_token_id,
+                              cache_blocks=self.engine.vllm_config.cache_config.num_gpu_blocks or 0)
 
     def tokenize(self, prompt: PromptInput) -> list[int]:
         """Token ids of the prompt (chat template applied to messages); validates the length."""

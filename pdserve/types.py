@@ -94,6 +94,8 @@ class LoadSnapshot:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     alive: bool = True
+    pending_prefill_tokens: int = 0
+    """Prompt tokens sent to this instance whose prefill has not finished (router-tracked)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     eos_token_id: int | None
+    cache_blocks: int = 0
+    """KV-cache blocks of one engine (its prefix-cache capacity)."""
 
 
 class Outcome(enum.Enum):

@@ -16,8 +16,8 @@ import ray
 
 from kv_transfer import transport
 from kv_transfer.handle import KvHandle
-from pdserve.types import InvalidRequestError, NoInstanceError, Outcome, RequestRecord, RequestState
-from router.policies import RouteRequest
+from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, RequestRecord, RequestState
+from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
 
@@ -84,10 +84,11 @@ class _Legs:
 class Dispatcher:
     """The disaggregated request path over two pools."""
 
-    def __init__(self, prefill: WorkerPool, decode: WorkerPool, max_model_len: int, default_max_tokens: int,
+    def __init__(self, prefill: WorkerPool, decode: WorkerPool, model: ModelInfo, default_max_tokens: int,
                  record: Callable[[RequestRecord], None] = lambda rec: None) -> None:
         self.prefill, self.decode = prefill, decode
-        self.max_model_len, self.default_max_tokens = max_model_len, default_max_tokens
+        self.max_model_len, self.block_size = model.max_model_len, model.block_size
+        self.default_max_tokens = default_max_tokens
         self._record = record
 
     async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
@@ -110,7 +111,11 @@ class Dispatcher:
         legs.prefill = self.prefill.pick(route)
         req.to(RequestState.PREFILLING)
         legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
-        result = legs.result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
+        self.prefill.add_pending(legs.prefill.name, route.num_tokens)
+        try:
+            result = legs.result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
+        finally:
+            self.prefill.add_pending(legs.prefill.name, -route.num_tokens)
         legs.prefill_ref, legs.handle = None, KvHandle.from_params(result.kv_params)
         req.mark("first_token")
         legs.tokens_sent(1)
@@ -140,7 +145,8 @@ class Dispatcher:
             raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                       f"context ({self.max_model_len})")
         req.sampling = replace(req.sampling, max_tokens=max_tokens)
-        route = RouteRequest(req.request_id, tuple(ids), max_tokens, req.ttft_slo_ms, req.tpot_slo_ms, req.priority)
+        route = RouteRequest(req.request_id, block_hashes(ids, self.block_size), len(ids), max_tokens,
+                             req.ttft_slo_ms, req.tpot_slo_ms, req.priority)
         return route, ids
 
     async def _decode(self, req: RouterRequest, route: RouteRequest, ids: list[int], result: Any,

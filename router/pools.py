@@ -25,13 +25,19 @@ class WorkerPool:
         self._workers = {w.name: w for w in workers}
         self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
         self._helper_turn = 0
+        self._pending: dict[str, int] = {w.name: 0 for w in workers}
 
     def __len__(self) -> int:
         return len(self._workers)
 
     def snapshots(self) -> list[LoadSnapshot]:
-        """Every worker's last snapshot, dead ones included, in name order."""
-        return [self._loads[n] for n in sorted(self._loads)]
+        """Every worker's last snapshot with the router's own count of queued prefill tokens,
+        dead ones included, in name order."""
+        return [replace(self._loads[n], pending_prefill_tokens=self._pending[n]) for n in sorted(self._loads)]
+
+    def add_pending(self, name: str, tokens: int) -> None:
+        """Count prompt tokens sent to ``name`` whose prefill has not finished (negative: done)."""
+        self._pending[name] += tokens
 
     def live(self) -> list[LoadSnapshot]:
         """Snapshots of the live workers."""

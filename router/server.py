@@ -19,7 +19,8 @@ from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outco
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.dispatch import Dispatcher, FinalEvent, TokenEvent
-from router.policies import make_policy
+from router.latency import DEFAULT_PROFILE, LatencyModel
+from router.policies import PolicyContext, make_policy
 from router.pools import WorkerPool
 from router.stats import RouterStats
 from router.validate import parse_request
@@ -114,8 +115,8 @@ def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateRes
 class ServiceSettings:
     """The router's request-handling settings (from ``ServeConfig``)."""
 
-    prefill_policy: str = "round_robin"
-    decode_policy: str = "round_robin"
+    prefill_policy: str = "dualmap"
+    decode_policy: str = "decode_p2c"
     default_max_tokens: int = 64
     request_timeout_s: float = 300.0
     slo_ttft_ms: float = 0.0
@@ -128,17 +129,24 @@ class ServiceSettings:
                    cfg.slo_ttft_ms, cfg.slo_tpot_ms)
 
 
+def _latency_model() -> LatencyModel | None:
+    """The shipped profile's model, if present (policies fall back to token counts)."""
+    return LatencyModel.load(DEFAULT_PROFILE) if DEFAULT_PROFILE.is_file() else None
+
+
 class RouterServer:
     """The gRPC server, the load poller and the metrics endpoint; one per deployment."""
 
     def __init__(self, prefill: Sequence[Any], decode: Sequence[Any], model: ModelInfo,
                  settings: ServiceSettings = ServiceSettings()) -> None:
         self.stats = RouterStats()
-        self.prefill = WorkerPool("prefill", prefill, make_policy(settings.prefill_policy), self.stats.record_decision)
-        self.decode = WorkerPool("decode", decode, make_policy(settings.decode_policy), self.stats.record_decision)
+        ctx = PolicyContext(block_size=model.block_size, cache_blocks=model.cache_blocks or 1024,
+                            latency=_latency_model(), ttft_slo_ms=settings.slo_ttft_ms)
+        self.prefill = WorkerPool("prefill", prefill, make_policy(settings.prefill_policy, ctx), self.stats.record_decision)
+        self.decode = WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx), self.stats.record_decision)
         self.exporter = PrometheusExporter([self.prefill, self.decode])
         self.stats.listeners.append(self.exporter)
-        dispatcher = Dispatcher(self.prefill, self.decode, model.max_model_len, settings.default_max_tokens,
+        dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                 self.stats.record_request)
         self.service = PdServeService(dispatcher, model, self.stats, settings)
         self._server: grpc.aio.Server | None = None

@@ -132,5 +132,5 @@ def test_cli_status_table(router, client):
                                 "TTFT-P50", "TPOT-P50"]
     prefill = next(line for line in lines if "prefill-0" in line).split()
     decode = next(line for line in lines if "decode-0" in line).split()
-    assert prefill[:4] == ["prefill", "(round_robin)", "prefill-0", "up"] and prefill[-2:-1] == ["ms"] and prefill[-1] == "-"
-    assert decode[:4] == ["decode", "(round_robin)", "decode-0", "up"] and decode[-1] == "ms" and decode[-3] == "-"
+    assert prefill[:4] == ["prefill", "(dualmap)", "prefill-0", "up"] and prefill[-2:-1] == ["ms"] and prefill[-1] == "-"
+    assert decode[:4] == ["decode", "(decode_p2c)", "decode-0", "up"] and decode[-1] == "ms" and decode[-3] == "-"

@@ -41,7 +41,7 @@ def test_bad_config_is_rejected(overrides, message):
 
 def test_config_overrides_merge_into_yaml():
     cfg = load(ROOT / "deploy" / "local.yaml", {"prefill": {"instances": 3}, "port": 0})
-    assert (cfg.prefill.instances, cfg.prefill.policy, cfg.port) == (3, "round_robin", 0)
+    assert (cfg.prefill.instances, cfg.prefill.policy, cfg.decode.policy, cfg.port) == (3, "dualmap", "decode_p2c", 0)
 
 
 @pytest.mark.parametrize("kwargs,expected", [
@@ -103,14 +103,14 @@ def test_request_state_machine(path, legal):
 
 def test_round_robin_cycles_in_name_order_over_live_candidates():
     policy = make_policy("round_robin")
-    req = RouteRequest("r", (1, 2), 4)
+    req = RouteRequest("r", (1, 2), 64)
     snaps = [LoadSnapshot("p-1"), LoadSnapshot("p-0"), LoadSnapshot("p-2")]
     assert [policy.select(req, snaps).instance for _ in range(4)] == ["p-0", "p-1", "p-2", "p-0"]
     assert policy.select(req, snaps[:2]) == Choice("p-0", "rotation")
 
 
 def test_unknown_policy_names_the_known_ones():
-    with pytest.raises(ValueError, match="known: round_robin"):
+    with pytest.raises(ValueError, match="known: cache_aware, consistent_hash, decode_p2c, dualmap, kv_cost"):
         make_policy("best_guess")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pdserve.types import LoadSnapshot
-from router.policies.base import Choice, RouteRequest
+from router.policies.base import Choice, PolicyContext, RouteRequest
 
 
 class RoundRobinPolicy:
@@ -12,7 +12,7 @@ class RoundRobinPolicy:
 
     name = "round_robin"
 
-    def __init__(self) -> None:
+    def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         self._cursor = 0
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:

@@ -1,0 +1,68 @@
+"""``LatencyModel``: prefill and decode-step time fitted to a measured profile (``pdserve
+profile``). Pure Python: the router and the simulator load it; no numpy or torch needed.
+
+prefill_s(n) = a + b*n + c*n^2 for n uncached prompt tokens (attention makes it superlinear);
+decode_step_s(batch, context) = d + e*batch + f*batch*context (weights once, KV per token).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "deploy" / "profiles" / "cpu-smollm2-135m.json"
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Fitted coefficients (seconds) and where the profile came from."""
+
+    prefill: tuple[float, float, float]
+    decode: tuple[float, float, float]
+    origin: str = ""
+
+    def prefill_s(self, tokens: int) -> float:
+        """Time to prefill ``tokens`` uncached tokens in one batch."""
+        a, b, c = self.prefill
+        return max(0.0, a + b * tokens + c * tokens * tokens) if tokens > 0 else 0.0
+
+    def decode_step_s(self, batch: int, context: float) -> float:
+        """Time of one decode step for ``batch`` requests of mean ``context`` tokens."""
+        d, e, f = self.decode
+        return max(1e-6, d + e * batch + f * batch * context)
+
+    @classmethod
+    def fit(cls, prefill_points: Sequence[tuple[int, float]], decode_points: Sequence[tuple[int, float, float]],
+            origin: str) -> LatencyModel:
+        """Least-squares fit of (tokens, seconds) and (batch, context, seconds) points."""
+        prefill = _lstsq([(1.0, n, n * n) for n, _ in prefill_points], [t for _, t in prefill_points])
+        decode = _lstsq([(1.0, b, b * c) for b, c, _ in decode_points], [t for _, _, t in decode_points])
+        return cls(tuple(prefill), tuple(decode), origin)
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_PROFILE) -> LatencyModel:
+        """Fit the model to a profile JSON written by ``pdserve profile``."""
+        data = json.loads(Path(path).read_text())
+        return cls.fit([tuple(p) for p in data["prefill"]], [tuple(p) for p in data["decode"]], data["origin"])
+
+    def to_dict(self) -> dict:
+        """JSON-ready coefficients."""
+        return asdict(self)
+
+
+def _lstsq(rows: list[tuple[float, float, float]], ys: list[float]) -> list[float]:
+    """Solve the 3x3 normal equations by Gaussian elimination (columns scaled for conditioning)."""
+    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(3)]
+    xs = [[r[j] / scale[j] for j in range(3)] for r in rows]
+    m = [[sum(x[i] * x[j] for x in xs) for j in range(3)] + [sum(x[i] * y for x, y in zip(xs, ys))] for i in range(3)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if abs(m[col][col]) < 1e-12:
+            continue
+        for r in range(3):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
+    return [(m[i][3] / m[i][i] if abs(m[i][i]) > 1e-12 else 0.0) / scale[i] for i in range(3)]

@@ -1,0 +1,37 @@
+"""``kv_cost``: Dynamo-KV-router style. Cost of a candidate = prompt tokens it would have to
+prefill (not in its approximate prefix cache) + ``load_weight`` x its queued prefill tokens; the
+cheapest wins. ``load_weight`` 1.0 prices a queued token like an own token (both delay the first
+token about equally on a busy engine)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from pdserve.types import LoadSnapshot
+from router.policies.base import Choice, PolicyContext, RouteRequest
+from router.policies.prefix_index import PrefixIndex
+
+
+class KvCostPolicy:
+    """Minimum of uncached tokens plus weighted load."""
+
+    name = "kv_cost"
+
+    def __init__(self, ctx: PolicyContext = PolicyContext(), load_weight: float = 1.0) -> None:
+        self.ctx, self.load_weight = ctx, load_weight
+        self.indexes: dict[str, PrefixIndex] = {}
+
+    def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
+        def cost(c: LoadSnapshot) -> tuple[float, str]:
+            uncached = max(0, request.num_tokens - self._index(c.instance).match(request.block_hashes) * self.ctx.block_size)
+            return uncached + self.load_weight * c.pending_prefill_tokens, c.instance
+
+        best = min(candidates, key=cost)
+        index = self._index(best.instance)
+        reason = "affinity" if index.match(request.block_hashes) else "load"
+        index.insert(request.block_hashes)
+        return Choice(best.instance, reason)
+
+    def _index(self, instance: str) -> PrefixIndex:
+        if instance not in self.indexes:
+            self.indexes[instance] = PrefixIndex(self.ctx.cache_blocks)
+        return self.indexes[instance]

@@ -1,0 +1,36 @@
+"""``PrefixIndex``: an approximate view of what one instance holds in its prefix cache, built
+from the requests routed to it (as SGLang's gateway keeps an approximate radix tree): an LRU set
+of block hashes with the engine's capacity. Chained hashes make a set enough: a request's cached
+prefix is the run of its leading block hashes present in the set."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+
+class PrefixIndex:
+    """LRU set of block hashes; ``capacity`` blocks."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` are held."""
+        n = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Sequence[int]) -> None:
+        """Record that the instance now holds these blocks (most recently used)."""
+        for h in hashes:
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._blocks)

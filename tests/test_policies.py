@@ -1,0 +1,186 @@
+"""Routing policies: deterministic given a seed, exact choices in forced situations, and each
+DualMap feature shown by a test that fails without it."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.types import LoadSnapshot
+from router.latency import LatencyModel
+from router.policies import POLICIES, PolicyContext, RouteRequest, block_hashes, make_policy
+from router.policies.dualmap import DualMapPolicy
+from router.policies.hashring import HashRing
+
+SEED = 7
+NAMES = [f"p{i}" for i in range(8)]
+LINEAR = LatencyModel(prefill=(0.0, 0.001, 0.0), decode=(0.01, 0.001, 0.0), origin="test: 1 ms per token")
+
+
+def snaps(pending: dict[str, int] | None = None, names=NAMES) -> list[LoadSnapshot]:
+    pending = pending or {}
+    return [LoadSnapshot(n, pending_prefill_tokens=pending.get(n, 0)) for n in names]
+
+
+def req(rid: str, hashes: tuple[int, ...], tokens: int | None = None, **kw) -> RouteRequest:
+    return RouteRequest(rid, hashes, tokens if tokens is not None else 32 * len(hashes) + 5, **kw)
+
+
+def workload(n: int, seed: int) -> list[RouteRequest]:
+    rng = random.Random(seed)
+    return [req(f"r{i}", (0, rng.randrange(30), rng.randrange(1000)), rng.randrange(64, 4000)) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policies_are_deterministic_given_a_seed(name):
+    def run() -> list[str]:
+        policy, rng = make_policy(name, PolicyContext(seed=SEED, latency=LINEAR)), random.Random(SEED)
+        out = []
+        for r in workload(300, SEED):
+            candidates = snaps({n: rng.randrange(5000) for n in NAMES})
+            out.append(policy.select(r, candidates).instance)
+        return out
+    first, second = run(), run()
+    assert first == second and len(set(first)) > 1
+
+
+@pytest.mark.parametrize("name,pending,expected,reason", [
+    ("least_loaded", {"p0": 500, "p1": 100, "p2": 100}, "p1", "load"),
+    ("least_loaded", {"p0": 0, "p1": 100, "p2": 100}, "p0", "load"),
+    ("power_of_two", {"p0": 900, "p1": 100}, "p1", "load"),     # two candidates: the less loaded, any seed
+    ("power_of_two", {"p0": 10, "p1": 900}, "p0", "load"),
+    ("kv_cost", {"p0": 300, "p1": 20, "p2": 700}, "p1", "load"),  # nothing cached: least cost = least load + tokens
+])
+def test_load_policies_choose_exactly(name, pending, expected, reason):
+    names = sorted(pending)
+    choice = make_policy(name, PolicyContext(seed=SEED)).select(req("r", (1, 2, 3)), snaps(pending, names))
+    assert (choice.instance, choice.reason) == (expected, reason)
+
+
+def test_kv_cost_prices_cached_prefix_against_load():
+    policy = make_policy("kv_cost", PolicyContext(block_size=32))
+    first = req("a", tuple(range(16)), tokens=1000)
+    assert policy.select(first, snaps({"p0": 5000, "p1": 0}, ["p0", "p1"])).instance == "p1"
+    # p1 holds 16 blocks (512 tokens): cost 488 + 300 = 788 < 1000 + 100 on p0.
+    again = req("b", tuple(range(16)) + (99,), tokens=1000)
+    assert policy.select(again, snaps({"p0": 100, "p1": 300}, ["p0", "p1"])).instance == "p1"
+    # ... but not at any load: 488 + 600 > 1000 + 0.
+    assert policy.select(req("c", tuple(range(16)), tokens=1000), snaps({"p0": 0, "p1": 600}, ["p0", "p1"])).instance == "p0"
+
+
+def test_cache_aware_prefers_affinity_until_imbalanced():
+    policy = make_policy("cache_aware", PolicyContext(), balance_abs_tokens=1000, balance_rel=1.5)
+    two = ["p0", "p1"]
+    assert policy.select(req("a", (1, 2, 3)), snaps({}, two)).instance == "p0"
+    assert policy.select(req("b", (1, 2, 3, 4)), snaps({"p0": 800, "p1": 100}, two)).reason == "affinity"
+    imbalanced = policy.select(req("c", (1, 2, 3, 5)), snaps({"p0": 5000, "p1": 100}, two))
+    assert (imbalanced.instance, imbalanced.reason) == ("p1", "load")
+
+
+def test_consistent_hash_keeps_prefixes_together_and_spreads_others():
+    policy = make_policy("consistent_hash", PolicyContext(seed=SEED), prefix_blocks=2)
+    same = {policy.select(req(f"t{i}", (0, 42) + tuple(range(i))), snaps()).instance for i in range(10)}
+    spread = {policy.select(req(f"u{i}", (0, 1000 + i)), snaps()).instance for i in range(64)}
+    assert len(same) == 1 and len(spread) >= 6
+
+
+def test_block_hashes_are_chained_and_block_aligned():
+    a, b = block_hashes(list(range(100)), 32), block_hashes(list(range(64)) + [7] * 40, 32)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert block_hashes([5] * 31, 32) == ()
+    assert block_hashes([1] * 32 + [2] * 32, 32)[1] != block_hashes([2] * 32 + [2] * 32, 32)[1]  # depends on the prefix
+
+
+# ---- DualMap -------------------------------------------------------------------------------------
+
+def test_dualmap_candidates_are_two_distinct_instances_from_two_rings():
+    policy = DualMapPolicy(PolicyContext(seed=SEED))
+    for i in range(200):
+        policy.select(req(f"r{i}", (0, i)), snaps())
+    pairs = [policy.candidates(req(f"r{i}", (0, i)), NAMES) for i in range(200)]
+    assert all(a != b for a, b in pairs)
+    assert len({a for a, _ in pairs}) == 8 and len({b for _, b in pairs}) == 8
+
+
+@pytest.mark.parametrize("slo_aware,expected_reason", [(True, "slo_switch"), (False, "affinity")])
+def test_dualmap_slo_switch(slo_aware, expected_reason):
+    """The affine candidate is loaded past the TTFT SLO: the SLO-aware policy takes the other."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), slo_aware=slo_aware)
+    first = req("turn1", (0, 77, 78, 79), tokens=130)
+    a, b = policy.candidates(first, NAMES)
+    assert policy.select(first, snaps()).instance in (a, b)
+    affine = policy.select(req("warm", (0, 77, 78, 79), tokens=130), snaps()).instance
+    other = b if affine == a else a
+    turn2 = req("turn2", (0, 77, 78, 79, 80), tokens=170, ttft_slo_ms=500)
+    choice = policy.select(turn2, snaps({affine: 2000, other: 100}))  # 2.0 s + ... vs 0.1 s + 0.17 s
+    assert choice.reason == expected_reason
+    assert choice.instance == (other if slo_aware else affine)
+
+
+def test_dualmap_keeps_a_conversation_on_its_instance_under_equal_load():
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR))
+    chosen = {policy.select(req(f"turn{i}", (0, 5) + tuple(range(10, 10 + i)), tokens=200 + 32 * i), snaps()).instance
+              for i in range(1, 8)}
+    assert len(chosen) == 1
+
+
+@pytest.mark.parametrize("hot_share,min_spread,max_spread", [(0.05, 6, 8), (1.0, 1, 2)])
+def test_dualmap_adaptive_key_skips_a_hot_shared_prefix(hot_share, min_spread, max_spread):
+    """Every request starts with the same system-prompt block 0. The adaptive key skips it and
+    spreads conversations; keying on block 0 (never hot) crowds them onto two instances."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), hot_share=hot_share)
+    used = {policy.select(req(f"c{i}", (0, 1000 + i, 2000 + i)), snaps()).instance for i in range(200)}
+    assert min_spread <= len(used) <= max_spread
+
+
+@pytest.mark.parametrize("hot_factor,expect_moves", [(1.5, True), (1e9, False)])
+def test_dualmap_rebalances_queued_requests_to_their_alternate(hot_factor, expect_moves):
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), hot_factor=hot_factor)
+    queued: dict[str, list[RouteRequest]] = {n: [] for n in NAMES}
+    for i in range(40):  # one hot prefix: every request has the same key and pair
+        r = req(f"hot{i}", (7,), tokens=1000)
+        queued[policy.select(r, snaps()).instance].append(r)
+    hot = max(queued, key=lambda n: len(queued[n]))
+    pending = {n: sum(r.num_tokens for r in q) for n, q in queued.items()}
+    moves = policy.rebalance(queued, pending)
+    assert bool(moves) == expect_moves
+    for rid, target in moves:
+        assert target != hot and target in policy.candidates(next(r for r in queued[hot] if r.request_id == rid), NAMES)
+    if expect_moves:
+        after = dict(pending)
+        for rid, target in moves:
+            after[hot] -= 1000
+            after[target] += 1000
+        assert max(after.values()) < max(pending.values())
+
+
+def test_dual_ring_scaling_moves_about_one_nth_of_keys():
+    keys = list(range(20_000))
+    ring = HashRing(NAMES, vnodes=64, seed=1)
+    before = {k: ring.lookup(k) for k in keys}
+    ring.sync(NAMES + ["p8"])
+    moved = [k for k in keys if ring.lookup(k) != before[k]]
+    assert all(ring.lookup(k) == "p8" for k in moved)           # only keys taken by the new instance
+    assert 0.6 / 9 < len(moved) / len(keys) < 1.6 / 9           # about 1/N, not a reshuffle
+    ring.sync([n for n in NAMES if n != "p3"])
+    assert all(ring.lookup(k) == before[k] for k in keys if before[k] != "p3")   # removal: only p3's keys move
+    naive_moved = sum(1 for k in keys if k % 8 != k % 9) / len(keys)             # modulo hashing, for contrast
+    assert naive_moved > 0.8
+
+
+def test_decode_p2c_load_and_tpot_check():
+    policy = make_policy("decode_p2c", PolicyContext(seed=SEED, latency=LINEAR))
+    a = LoadSnapshot("d0", running=30, kv_cache_usage=0.1)
+    b = LoadSnapshot("d1", running=2, kv_cache_usage=0.5)
+    assert policy.select(req("r", (1,), 100), [a, b]) .instance == "d0"          # lower KV usage
+    tight = req("r", (1,), 100, tpot_slo_ms=20)   # d0: 10 + 31 ms > 20 ms; d1: 10 + 3 ms
+    assert (policy.select(tight, [a, b]).instance, policy.select(tight, [a, b]).reason) == ("d1", "slo_switch")
+
+
+def test_latency_model_fit_recovers_coefficients():
+    prefill = [(n, 0.02 + 1e-4 * n + 2e-8 * n * n) for n in (32, 128, 512, 1024, 2048, 4096)]
+    decode = [(b, c, 0.01 + 0.002 * b + 1e-6 * b * c) for b in (1, 4, 16) for c in (128, 1024)]
+    model = LatencyModel.fit(prefill, decode, "synthetic")
+    assert model.prefill == pytest.approx((0.02, 1e-4, 2e-8), rel=1e-6)
+    assert model.decode == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
+    assert model.prefill_s(0) == 0.0 and model.decode_step_s(1, 0) == pytest.approx(0.012)
