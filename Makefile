@@ -10,7 +10,7 @@ PORT ?= 50051
 TORCH_PIN_cpu := torch==2.13.0
 TORCH_PIN_gpu :=
 
-.PHONY: setup run test test-tools protos
+.PHONY: setup run test test-tools protos bench-routing
 
 setup: $(STAMP)
 	@$(VENV)/bin/pdserve prepare-model >/dev/null
@@ -39,6 +39,10 @@ test-tools:
 	    { $(SUDO) apt-get update -q >/dev/null 2>&1 && \
 	      $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; }; } || \
 	  echo "note: Debian's prometheus package could not be installed; tests/test_prometheus.py will be skipped"
+
+# Benchmarks: their own commands; results are written to docs/results/ and quoted in docs/.
+bench-routing: setup
+	$(PY) -m pdserve.sim.bench docs/results/bench-routing.json
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \

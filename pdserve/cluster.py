@@ -18,6 +18,8 @@ from pdserve.model import resolve_model
 from pdserve.types import ModelInfo
 
 log = logging.getLogger("pdserve.cluster")
+SPARE_WORKER_SLOTS = 4
+"""Logical CPUs an embedded Ray keeps free for workers added after start-up."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,28 @@ class Cluster:
         self.model_info = infos[0]
         log.info("cluster up: %d prefill, %d decode, model %s", len(self.prefill), len(self.decode), model)
 
+    def add_worker(self, role: str) -> WorkerRef:
+        """Start one more worker of ``role`` on the running cluster and wait until it is up."""
+        from decode_worker.worker import DecodeWorker
+        from prefill_worker.worker import PrefillWorker
+
+        pool, cls, cfg = ((self.prefill, PrefillWorker, self.cfg.prefill) if role == "prefill"
+                          else (self.decode, DecodeWorker, self.cfg.decode))
+        index = len(self.workers)
+        worker = self._spawn(cls, f"{role}-{len(pool)}", self.model_info.model, index, self._use_gpu(), cfg.ray_resources)
+        ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
+        pool.append(worker)
+        return worker
+
+    def remove_worker(self, name: str) -> None:
+        """Shut one worker down and kill its actor."""
+        worker = next(w for w in self.workers if w.name == name)
+        try:
+            ray.get(worker.actor.shutdown.remote(), timeout=30)
+        finally:
+            ray.kill(worker.actor)
+            (self.prefill if worker.role == "prefill" else self.decode).remove(worker)
+
     @property
     def workers(self) -> list[WorkerRef]:
         """All workers, prefill first."""
@@ -74,8 +98,10 @@ class Cluster:
                 log.warning("Ray was imported before pdserve.env.embedded_ray_env() was applied: "
                             "the embedded Ray may bind a non-loopback interface")
             env.apply(env.embedded_ray_env())
+            # Logical CPUs: one per worker plus room to add workers later (``add_worker``); the
+            # workers pin themselves to real cores (worker_process_env).
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     num_cpus=max(env.cpu_count(), total_workers), log_to_driver=False)
+                     num_cpus=max(env.cpu_count(), total_workers) + SPARE_WORKER_SLOTS, log_to_driver=False)
         self._started_ray = True
 
     def _use_gpu(self) -> bool:

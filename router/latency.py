@@ -1,7 +1,8 @@
 """``LatencyModel``: prefill and decode-step time fitted to a measured profile (``pdserve
 profile``). Pure Python: the router and the simulator load it; no numpy or torch needed.
 
-prefill_s(n) = a + b*n + c*n^2 for n uncached prompt tokens (attention makes it superlinear);
+prefill_s(n, h) = a + b*n + c*(n^2 + 2*n*h) for n uncached prompt tokens after h cached ones
+(attention makes it superlinear: the new tokens attend to each other and to the cached prefix);
 decode_step_s(batch, context) = d + e*batch + f*batch*context (weights once, KV per token).
 """
 from __future__ import annotations
@@ -22,10 +23,10 @@ class LatencyModel:
     decode: tuple[float, float, float]
     origin: str = ""
 
-    def prefill_s(self, tokens: int) -> float:
-        """Time to prefill ``tokens`` uncached tokens in one batch."""
+    def prefill_s(self, tokens: int, cached: int = 0) -> float:
+        """Time to prefill ``tokens`` uncached tokens that follow ``cached`` cached ones."""
         a, b, c = self.prefill
-        return max(0.0, a + b * tokens + c * tokens * tokens) if tokens > 0 else 0.0
+        return max(0.0, a + b * tokens + c * (tokens * tokens + 2 * tokens * cached)) if tokens > 0 else 0.0
 
     def decode_step_s(self, batch: int, context: float) -> float:
         """Time of one decode step for ``batch`` requests of mean ``context`` tokens."""

@@ -133,6 +133,15 @@ def test_dualmap_adaptive_key_skips_a_hot_shared_prefix(hot_share, min_spread, m
     assert min_spread <= len(used) <= max_spread
 
 
+def test_dualmap_spreads_a_prefix_that_is_hot_at_every_key_depth():
+    """A popular 8-block prefix: once hot at every depth the key may use, requests key on their
+    whole prompt and spread, instead of crowding the prefix's two candidates."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), max_key_blocks=8)
+    group = tuple(range(500, 508))
+    used = [policy.select(req(f"g{i}", group + (9000 + i,)), snaps()).instance for i in range(200)]
+    assert len(set(used[:8])) <= 2 and len(set(used[20:])) >= 6
+
+
 @pytest.mark.parametrize("hot_factor,expect_moves", [(1.5, True), (1e9, False)])
 def test_dualmap_rebalances_queued_requests_to_their_alternate(hot_factor, expect_moves):
     policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), hot_factor=hot_factor)

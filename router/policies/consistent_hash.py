@@ -11,13 +11,13 @@ from typing import Sequence
 
 from pdserve.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest
-from router.policies.hashring import HashRing
+from router.policies.hashring import HashRing, stable_hash
 
 
 def prefix_key(request: RouteRequest, blocks: int) -> int:
     """The chained hash of the first ``blocks`` blocks (or of the whole prompt if shorter)."""
     if not request.block_hashes:
-        return hash(("no-full-block", request.request_id))
+        return stable_hash("no-full-block", request.request_id)
     return request.block_hashes[min(blocks, len(request.block_hashes)) - 1]
 
 

@@ -2,9 +2,11 @@
 
 1. **Prefix key, adaptive length**: the chained hash of the first L blocks, where L is the first
    depth whose prefix is *not hot* (seen by at least ``min_hot_count`` and more than ``hot_share``
-   of the last ``window`` requests), capped at ``max_key_blocks``. A system prompt shared by everyone is skipped (keying
-   on it would send all traffic to two instances), while the turns of one conversation keep the
-   same key (its first non-hot prefix does not change as the conversation grows).
+   of the last ``window`` requests), looked for up to ``max_key_blocks``. A system prompt shared by
+   everyone is skipped (keying on it would send all traffic to two instances), while the turns of
+   one conversation keep the same key (its first non-hot prefix does not change as it grows). If
+   every depth up to the limit is hot, the key is the whole prompt: a hot prefix is then served
+   (and cached) by many instances instead of crowding two.
 2. **Two candidates** from two independent hash rings with virtual nodes (seeds 1 and 2); the
    second ring skips the first's pick, so the two always differ when two instances are live.
 3. **SLO-aware choice**: the candidate holding the longer cached prefix (per an approximate view
@@ -25,7 +27,7 @@ from typing import Mapping, Sequence
 
 from pdserve.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest
-from router.policies.hashring import HashRing
+from router.policies.hashring import HashRing, stable_hash
 from router.policies.prefix_index import PrefixIndex
 
 
@@ -51,9 +53,9 @@ class DualMapPolicy:
         """The request's prefix key (adaptive length; see the module docstring)."""
         hashes = request.block_hashes
         if not hashes:
-            return hash(("no-full-block", request.request_id))
+            return stable_hash("no-full-block", request.request_id)
         limit = min(len(hashes), self.max_key_blocks)
-        depth = next((d for d in range(1, limit + 1) if not self._hot(hashes[d - 1])), limit)
+        depth = next((d for d in range(1, limit + 1) if not self._hot(hashes[d - 1])), len(hashes))
         return hashes[depth - 1]
 
     def _hot(self, prefix: int) -> bool:
@@ -88,11 +90,18 @@ class DualMapPolicy:
         return Choice(affine.instance, "affinity")
 
     def predicted_ttft_s(self, request: RouteRequest, c: LoadSnapshot, hit_blocks: int) -> float:
-        """Queued prefill plus this request's uncached prefill on ``c`` (tokens if no model)."""
-        uncached = max(1, request.num_tokens - hit_blocks * self.ctx.block_size)
-        if self.ctx.latency is None:
+        """Queue wait plus this request's own prefill on ``c`` (token counts if no model).
+
+        The queue is other requests, each prefilled on its own: its wait is linear in the queued
+        tokens, at this request's per-token cost (the quadratic term applies per request, never to
+        the sum). The request's own prefill covers its uncached tokens after its cached prefix."""
+        cached = min(hit_blocks * self.ctx.block_size, request.num_tokens - 1)
+        uncached = max(1, request.num_tokens - cached)
+        model = self.ctx.latency
+        if model is None:
             return float(c.pending_prefill_tokens + uncached)
-        return self.ctx.latency.prefill_s(c.pending_prefill_tokens) + self.ctx.latency.prefill_s(uncached)
+        per_token = model.prefill_s(request.num_tokens) / max(request.num_tokens, 1)
+        return c.pending_prefill_tokens * per_token + model.prefill_s(uncached, cached)
 
     def _remember(self, request: RouteRequest, pair: tuple[str, str], chosen: str) -> None:
         if len(self._window) == self._window.maxlen:

@@ -1,0 +1,71 @@
+"""Routing benchmarks (``make bench-routing``): router decision speed for 8k-token prompts and
+simulator speed on the Mooncake trace. Results go to a JSON file; no test asserts a speed."""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pdserve.sim import workloads
+from pdserve.sim.cluster import ClusterSim, SimConfig
+from pdserve.sim.study import percentile
+from pdserve.types import LoadSnapshot
+from router.latency import LatencyModel
+from router.policies import PREFILL_POLICIES, PolicyContext, RouteRequest, block_hashes, make_policy
+
+PROMPT_TOKENS, BLOCK, INSTANCES, DECISIONS = 8192, 32, 16, 3000
+
+
+def decision_bench(seed: int = 0) -> dict:
+    """Per policy: decisions/s and p50/p99 latency of one decision (block hashing of the 8k-token
+    prompt included, as the live router does it), 16 candidates with random load."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(49152) for _ in range(PROMPT_TOKENS // 2)] for _ in range(64)]
+    prompts = [prefixes[rng.randrange(64)] + [rng.randrange(49152) for _ in range(PROMPT_TOKENS // 2)] for _ in range(256)]
+    names = [f"prefill-{i}" for i in range(INSTANCES)]
+    ctx = PolicyContext(block_size=BLOCK, cache_blocks=4096, latency=LatencyModel.load(), ttft_slo_ms=5000, seed=seed)
+    out = {}
+    for name in PREFILL_POLICIES:
+        policy, lat = make_policy(name, ctx), []
+        for i in range(DECISIONS):
+            snaps = [LoadSnapshot(n, pending_prefill_tokens=rng.randrange(100_000)) for n in names]
+            start = time.perf_counter()
+            ids = prompts[i % len(prompts)]
+            policy.select(RouteRequest(str(i), block_hashes(ids, BLOCK), len(ids), 128), snaps)
+            lat.append(time.perf_counter() - start)
+        out[name] = {"decisions_per_s": len(lat) / sum(lat), "p50_us": percentile(lat, 50) * 1e6,
+                     "p99_us": percentile(lat, 99) * 1e6}
+    return out
+
+
+def simulator_bench() -> dict:
+    """Per policy: wall time and simulated requests/s of the whole Mooncake trace on 16 + 16."""
+    requests = workloads.load("mooncake", None, None, 0, 0.0, 0)
+    cfg, latency, out = SimConfig(prefill=16, decode=16), LatencyModel.load(), {}
+    for name in PREFILL_POLICIES:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            ClusterSim(cfg, latency, name).run(requests, 0.1)
+            times.append(time.perf_counter() - start)
+        out[name] = {"requests": len(requests), "instances": 32, "median_s": statistics.median(times),
+                     "requests_per_s": len(requests) / statistics.median(times)}
+    return out
+
+
+def main(out: str = "docs/results/bench-routing.json") -> None:
+    """Run both benchmarks and write their results."""
+    results = {"date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0],
+               "decision": decision_bench(), "simulator": simulator_bench()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    for kind in ("decision", "simulator"):
+        for name, row in results[kind].items():
+            print(kind, name, {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

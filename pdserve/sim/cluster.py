@@ -1,0 +1,228 @@
+"""``ClusterSim``: a discrete-event simulation of N prefill and M decode instances that routes
+with the live router's own policy classes.
+
+Prefill instance: a FIFO server with an LRU prefix cache of ``cache_blocks`` blocks; a request's
+service time is the latency model's prefill time of its uncached tokens after its cached prefix
+(compute-bound prefill gains little from batching, so one request at a time). Then its KV moves to
+a decode instance (prompt bytes / bandwidth). Decode instance: continuous batching, approximated
+per request: its time per output token is the model's step time at the batch size and context it
+joins (fluid approximation, so a 12,000-request trace simulates in a second or two).
+Policies with a ``rebalance`` method (dualmap) are asked every ``rebalance_interval_s`` to move
+queued, not-started requests.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+
+from pdserve.sim.traces import TraceRequest
+from pdserve.types import LoadSnapshot
+from router.latency import LatencyModel
+from router.policies import PolicyContext, RouteRequest, make_policy
+
+ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE = range(5)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated cluster."""
+
+    prefill: int = 16
+    """Prefill instances."""
+    decode: int = 16
+    """Decode instances."""
+    block_size: int = 512
+    """Tokens per block hash (512 for the Mooncake trace)."""
+    cache_blocks: int = 600
+    """Prefix-cache capacity of one prefill instance, blocks."""
+    ttft_slo_s: float = 100.0
+    """TTFT target (the capacity search's criterion)."""
+    tpot_slo_s: float = 0.0
+    """TPOT target (reported only; 0: none)."""
+    kv_bytes_per_token: int = 30 * 2 * 3 * 64 * 2
+    """KV bytes of one token (SmolLM2-135M, bf16)."""
+    kv_bandwidth_bps: float = 700 * 2**20
+    """KV transfer bandwidth (gRPC on loopback, measured here: 650-785 MiB/s)."""
+    decode_kv_tokens: int = 46_592
+    """KV capacity of one decode instance, tokens (1 GiB on CPU)."""
+    rebalance_interval_s: float = 1.0
+    """How often policies with ``rebalance`` are consulted."""
+    seed: int = 0
+
+
+@dataclass
+class _Prefill:
+    name: str
+    cache: OrderedDict = field(default_factory=OrderedDict)
+    queue: deque = field(default_factory=deque)
+    busy: bool = False
+    pending_tokens: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class _Decode:
+    name: str
+    active: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class RunResult:
+    """Per-request outcomes of one simulated run."""
+
+    scale: float
+    ttft_s: list[float]
+    tpot_s: list[float]
+    cached_tokens: int
+    input_tokens: int
+    busy_s: list[float]
+    decisions: Counter
+    ttft_slo_s: float
+
+    @property
+    def attainment(self) -> float:
+        """Share of requests whose TTFT met the SLO."""
+        return sum(t <= self.ttft_slo_s for t in self.ttft_s) / max(len(self.ttft_s), 1)
+
+    @property
+    def hit_ratio(self) -> float:
+        """Prompt tokens served from prefix caches / all prompt tokens."""
+        return self.cached_tokens / max(self.input_tokens, 1)
+
+    @property
+    def imbalance_cv(self) -> float:
+        """Coefficient of variation of per-instance prefill busy time."""
+        mean = sum(self.busy_s) / len(self.busy_s)
+        var = sum((b - mean) ** 2 for b in self.busy_s) / len(self.busy_s)
+        return var ** 0.5 / mean if mean else 0.0
+
+
+class ClusterSim:
+    """One simulated run per ``run`` call (fresh instances and policies each time)."""
+
+    def __init__(self, cfg: SimConfig, latency: LatencyModel, prefill_policy: str,
+                 decode_policy: str = "decode_p2c", policy_params: dict | None = None) -> None:
+        self.cfg, self.latency = cfg, latency
+        self.prefill_policy, self.decode_policy, self.policy_params = prefill_policy, decode_policy, policy_params or {}
+
+    def run(self, requests: list[TraceRequest], scale: float = 1.0) -> RunResult:
+        """Replay ``requests`` with arrivals compressed ``scale`` times (2.0 = twice the rate)."""
+        ctx = PolicyContext(block_size=self.cfg.block_size, cache_blocks=self.cfg.cache_blocks, latency=self.latency,
+                            ttft_slo_ms=self.cfg.ttft_slo_s * 1e3, seed=self.cfg.seed)
+        self._p_policy = make_policy(self.prefill_policy, ctx, **self.policy_params)
+        self._d_policy = make_policy(self.decode_policy, ctx)
+        self._prefills = [_Prefill(f"prefill-{i}") for i in range(self.cfg.prefill)]
+        self._decodes = [_Decode(f"decode-{i}") for i in range(self.cfg.decode)]
+        self._requests, self._events, self._seq = requests, [], 0
+        self._ttft, self._tpot = [0.0] * len(requests), []
+        self._cached = self._input = 0
+        self._decisions: Counter = Counter()
+        self._arrivals = [r.arrival_s / scale for r in requests]
+        for i, arrival in enumerate(self._arrivals):
+            self._push(arrival, ARRIVE, i)
+        if hasattr(self._p_policy, "rebalance"):
+            self._push(self.cfg.rebalance_interval_s, REBALANCE, 0)
+        self._loop()
+        return RunResult(scale, self._ttft, self._tpot, self._cached, self._input,
+                         [p.busy_s for p in self._prefills], self._decisions, self.cfg.ttft_slo_s)
+
+    def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, a, b))
+
+    def _loop(self) -> None:
+        handlers = {ARRIVE: self._arrive, PREFILL_DONE: self._prefill_done, DECODE_START: self._decode_start,
+                    DECODE_DONE: self._decode_done, REBALANCE: self._rebalance}
+        while self._events:
+            t, _, kind, a, b = heapq.heappop(self._events)
+            handlers[kind](t, a, b)
+
+    # ---- prefill -----------------------------------------------------------------------------
+    def _arrive(self, t: float, i: int, _: int) -> None:
+        r = self._requests[i]
+        route = RouteRequest(str(i), r.hashes, r.input_len, r.output_len, self.cfg.ttft_slo_s * 1e3)
+        snaps = [LoadSnapshot(p.name, waiting=len(p.queue), running=int(p.busy), pending_prefill_tokens=p.pending_tokens)
+                 for p in self._prefills]
+        choice = self._p_policy.select(route, snaps)
+        self._decisions[choice.reason] += 1
+        self._enqueue(t, int(choice.instance.split("-")[1]), i, route)
+
+    def _enqueue(self, t: float, p_idx: int, i: int, route: RouteRequest) -> None:
+        p = self._prefills[p_idx]
+        p.queue.append((i, route))
+        p.pending_tokens += route.num_tokens
+        if not p.busy:
+            self._start(t, p_idx)
+
+    def _start(self, t: float, p_idx: int) -> None:
+        p = self._prefills[p_idx]
+        i, _ = p.queue.popleft()
+        r = self._requests[i]
+        hit = 0
+        for h in r.hashes:
+            if h not in p.cache:
+                break
+            p.cache.move_to_end(h)
+            hit += 1
+        cached = min(hit * self.cfg.block_size, r.input_len - 1)
+        duration = self.latency.prefill_s(r.input_len - cached, cached)
+        self._cached += cached
+        self._input += r.input_len
+        p.busy, p.busy_s = True, p.busy_s + duration
+        self._push(t + duration, PREFILL_DONE, p_idx, i)
+
+    def _prefill_done(self, t: float, p_idx: int, i: int) -> None:
+        p, r = self._prefills[p_idx], self._requests[i]
+        for h in r.hashes:
+            p.cache[h] = None
+            p.cache.move_to_end(h)
+        while len(p.cache) > self.cfg.cache_blocks:
+            p.cache.popitem(last=False)
+        self._ttft[i] = t - self._arrivals[i]
+        p.busy = False
+        p.pending_tokens -= r.input_len
+        self._push(t + r.input_len * self.cfg.kv_bytes_per_token / self.cfg.kv_bandwidth_bps, DECODE_START, i)
+        if p.queue:
+            self._start(t, p_idx)
+
+    # ---- decode ------------------------------------------------------------------------------
+    def _decode_start(self, t: float, i: int, _: int) -> None:
+        r = self._requests[i]
+        snaps = [LoadSnapshot(d.name, running=d.active, kv_cache_usage=min(1.0, d.tokens / self.cfg.decode_kv_tokens))
+                 for d in self._decodes]
+        route = RouteRequest(str(i), (), r.input_len, r.output_len, tpot_slo_ms=self.cfg.tpot_slo_s * 1e3)
+        d_idx = int(self._d_policy.select(route, snaps).instance.split("-")[1])
+        d = self._decodes[d_idx]
+        d.active += 1
+        d.tokens += r.input_len + r.output_len
+        step = self.latency.decode_step_s(d.active, d.tokens / d.active)
+        if r.output_len > 1:
+            self._tpot.append(step)
+        self._push(t + (r.output_len - 1) * step, DECODE_DONE, d_idx, i)
+
+    def _decode_done(self, t: float, d_idx: int, i: int) -> None:
+        d, r = self._decodes[d_idx], self._requests[i]
+        d.active -= 1
+        d.tokens -= r.input_len + r.output_len
+
+    # ---- rebalancing -------------------------------------------------------------------------
+    def _rebalance(self, t: float, _: int, __: int) -> None:
+        if any(len(p.queue) > 1 for p in self._prefills):  # nothing to move otherwise
+            queued = {p.name: [route for _, route in p.queue] for p in self._prefills}
+            pending = {p.name: p.pending_tokens for p in self._prefills}
+            for rid, target in self._p_policy.rebalance(queued, pending):
+                self._move(t, int(rid), int(target.split("-")[1]))
+        if len(self._events) > 0:
+            self._push(t + self.cfg.rebalance_interval_s, REBALANCE, 0)
+
+    def _move(self, t: float, i: int, target: int) -> None:
+        for p in self._prefills:
+            found = next((entry for entry in p.queue if entry[0] == i), None)
+            if found is not None:
+                p.queue.remove(found)
+                p.pending_tokens -= found[1].num_tokens
+                self._decisions["rebalance"] += 1
+                self._enqueue(t, target, i, found[1])
+                return

@@ -1,0 +1,32 @@
+"""Named workloads for ``pdserve simulate`` and the SLO rule used with them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdserve.sim import traces
+from router.latency import LatencyModel
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+DEFAULT_PATHS = {
+    "mooncake": SHARED / "mooncake_fast25" / "conversation_trace.jsonl",
+    "azure-conv": SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv",
+    "azure-code": SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv",
+}
+
+
+def load(name: str, path: str | None, limit: int | None, requests: int, rate: float, seed: int) -> list[traces.TraceRequest]:
+    """The workload ``name`` (a trace file, or ``synthetic`` Poisson with shared prefixes)."""
+    if name == "synthetic":
+        return traces.synthetic(requests, rate, seed)
+    file = Path(path) if path else DEFAULT_PATHS[name]
+    if not file.is_file():
+        raise FileNotFoundError(f"trace {file} not found (pass --path)")
+    return traces.load_mooncake(file, limit) if name == "mooncake" else traces.load_azure(file, limit)
+
+
+def p95_isolated_prefill_s(requests: list[traces.TraceRequest], latency: LatencyModel) -> float:
+    """The default TTFT SLO: the idle-cluster prefill time of the 95th-percentile prompt, so an
+    idle cluster meets it for 95% of requests and the 90% target measures queueing and caching,
+    not the model's raw speed."""
+    lengths = sorted(r.input_len for r in requests)
+    return latency.prefill_s(lengths[int(0.95 * (len(lengths) - 1))])
