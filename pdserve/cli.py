@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--profile", help="latency profile JSON (default: the shipped CPU profile)")
     sim.add_argument("--requests", type=int, default=5000), sim.add_argument("--rate", type=float, default=1.0)
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--param", action="append", default=[], metavar="POLICY.NAME=VALUE",
+                     help="a policy parameter, e.g. cache_aware.balance_abs_tokens=32768 (repeatable)")
     sim.add_argument("--out", default="results/sim")
     sim.set_defaults(func=_simulate)
     prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
@@ -229,11 +231,24 @@ def _simulate(args: argparse.Namespace) -> int:
     slo = args.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
     cfg = SimConfig(prefill=args.prefill, decode=args.decode, cache_blocks=args.cache_blocks, ttft_slo_s=slo, seed=args.seed)
     policies = list(PREFILL_POLICIES) if args.policies == "all" else args.policies.split(",")
-    results = run_study(args.trace, requests, cfg, latency, policies, Path(args.out))
+    results = run_study(args.trace, requests, cfg, latency, policies, Path(args.out), _policy_params(args.param))
     print(Path(args.out, "table.md").read_text())
     print(f"TTFT SLO {slo:.1f} s; reference rate {results['reference_rate_rps']:.4f} req/s "
           f"(capacity of {results['best_baseline']}); {results['seconds']:.0f} s; files in {args.out}")
     return 0
+
+
+def _policy_params(items: list[str]) -> dict[str, dict]:
+    """``["cache_aware.balance_abs_tokens=32768"]`` -> ``{"cache_aware": {"balance_abs_tokens": 32768.0}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        policy, _, name = key.partition(".")
+        if not (policy and name and value):
+            raise config_mod.ConfigError(f"--param {item!r}: expected POLICY.NAME=VALUE")
+        number = float(value)
+        out.setdefault(policy, {})[name] = int(number) if number.is_integer() else number
+    return out
 
 
 def _prepare(args: argparse.Namespace) -> int:

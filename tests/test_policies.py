@@ -58,7 +58,7 @@ def test_load_policies_choose_exactly(name, pending, expected, reason):
 
 
 def test_kv_cost_prices_cached_prefix_against_load():
-    policy = make_policy("kv_cost", PolicyContext(block_size=32))
+    policy = make_policy("kv_cost", PolicyContext(block_size=32), load_weight=1.0)
     first = req("a", tuple(range(16)), tokens=1000)
     assert policy.select(first, snaps({"p0": 5000, "p1": 0}, ["p0", "p1"])).instance == "p1"
     # p1 holds 16 blocks (512 tokens): cost 488 + 300 = 788 < 1000 + 100 on p0.

@@ -68,8 +68,10 @@ def summarize(result: RunResult, base_rate: float) -> dict:
 
 
 def run_study(name: str, requests: list[TraceRequest], cfg: SimConfig, latency: LatencyModel,
-              policies: list[str], out: Path) -> dict:
-    """Search every policy's capacity, compare at the best baseline's capacity, write the files."""
+              policies: list[str], out: Path, params: dict[str, dict] | None = None) -> dict:
+    """Search every policy's capacity, compare at the best baseline's capacity, write the files.
+    ``params`` maps a policy name to keyword parameters of its class."""
+    params = params or {}
     span = requests[-1].arrival_s - requests[0].arrival_s
     base_rate = len(requests) / span
     mean_prefill = statistics.fmean(latency.prefill_s(r.input_len) for r in requests)
@@ -77,13 +79,15 @@ def run_study(name: str, requests: list[TraceRequest], cfg: SimConfig, latency: 
     started = time.perf_counter()
     caps, curves = {}, {}
     for policy in policies:
-        caps[policy], curves[policy] = capacity(ClusterSim(cfg, latency, policy), requests, guess)
+        caps[policy], curves[policy] = capacity(ClusterSim(cfg, latency, policy, policy_params=params.get(policy)),
+                                                requests, guess)
     baselines = [p for p in policies if p != "dualmap"]
     best = max(baselines, key=caps.get) if baselines else policies[0]
     reference = caps[best] or guess
-    at_ref = {p: summarize(ClusterSim(cfg, latency, p).run(requests, reference), base_rate) for p in policies}
+    at_ref = {p: summarize(ClusterSim(cfg, latency, p, policy_params=params.get(p)).run(requests, reference), base_rate)
+              for p in policies}
     results = {
-        "workload": name, "requests": len(requests), "trace_rate_rps": base_rate, "config": asdict(cfg),
+        "workload": name, "requests": len(requests), "policy_params": params, "trace_rate_rps": base_rate, "config": asdict(cfg),
         "latency_model": latency.to_dict(), "target_attainment": TARGET,
         "capacity_rps": {p: caps[p] * base_rate for p in policies},
         "capacity_scale": caps, "best_baseline": best, "reference_rate_rps": reference * base_rate,

@@ -5,7 +5,8 @@ system prompt alone is not affinity); otherwise, or when the pool is
 imbalanced, the least loaded one wins.
 
 Imbalanced means max - min queued prefill tokens > ``balance_abs_tokens`` and max > ``balance_rel``
-x min (SGLang's two thresholds; defaults tuned on the Mooncake trace in docs/routing.md).
+x min (SGLang's two thresholds; ``balance_abs_tokens`` 131072 was the best of 8k, 32k and 128k on
+the Mooncake trace, docs/routing.md).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class CacheAwarePolicy:
     name = "cache_aware"
 
     def __init__(self, ctx: PolicyContext = PolicyContext(), match_threshold: float = 0.5,
-                 balance_abs_tokens: int = 32_768, balance_rel: float = 1.5) -> None:
+                 balance_abs_tokens: int = 131_072, balance_rel: float = 1.5) -> None:
         self.ctx, self.match_threshold = ctx, match_threshold
         self.balance_abs_tokens, self.balance_rel = balance_abs_tokens, balance_rel
         self.indexes: dict[str, PrefixIndex] = {}

@@ -1,7 +1,8 @@
 """``kv_cost``: Dynamo-KV-router style. Cost of a candidate = prompt tokens it would have to
 prefill (not in its approximate prefix cache) + ``load_weight`` x its queued prefill tokens; the
-cheapest wins. ``load_weight`` 1.0 prices a queued token like an own token (both delay the first
-token about equally on a busy engine)."""
+cheapest wins. ``load_weight`` 0.5 was the best of 0.5, 1 and 2 on the Mooncake trace
+(docs/routing.md): a queued token costs less than an own one, since queued requests often hit
+the cache and the quadratic part of a long prompt is its own."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,7 +17,7 @@ class KvCostPolicy:
 
     name = "kv_cost"
 
-    def __init__(self, ctx: PolicyContext = PolicyContext(), load_weight: float = 1.0) -> None:
+    def __init__(self, ctx: PolicyContext = PolicyContext(), load_weight: float = 0.5) -> None:
         self.ctx, self.load_weight = ctx, load_weight
         self.indexes: dict[str, PrefixIndex] = {}
 
