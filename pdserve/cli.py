@@ -12,6 +12,7 @@ import grpc
 
 from pdserve import config as config_mod
 from pdserve import env
+from pdserve.cli_tools import add_tool_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-policy"), serve.add_argument("--decode-policy")
     serve.add_argument("--model", help="local Hugging Face model folder (default: bundled SmolLM2-135M)")
     serve.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
+    serve.add_argument("--mode", choices=["disaggregated", "colocated"],
+                       help="colocated: the same number of engines, each serving both phases (the baseline)")
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="stream an answer to the terminal")
     gen.add_argument("text"), gen.add_argument("--target", default="127.0.0.1:50051")
@@ -52,25 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a table of the pools: instances, health, load, cache hits, latency")
     status.add_argument("--target", default="127.0.0.1:50051")
     status.set_defaults(func=_status)
-    prof = sub.add_parser("profile", help="measure the engine's prefill and decode speed into a JSON profile")
-    prof.add_argument("--out", default="deploy/profiles/cpu-smollm2-135m.json")
-    prof.add_argument("--model"), prof.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
-    prof.set_defaults(func=_profile)
-    sim = sub.add_parser("simulate", help="trace-driven cluster simulation of the routing policies")
-    sim.add_argument("--trace", choices=["mooncake", "azure-conv", "azure-code", "synthetic"], default="mooncake")
-    sim.add_argument("--path", help="trace file (default: the copy under ../shared/traces)")
-    sim.add_argument("--limit", type=int, help="first N requests only")
-    sim.add_argument("--prefill", type=int, default=16), sim.add_argument("--decode", type=int, default=16)
-    sim.add_argument("--cache-blocks", type=int, default=600, help="prefix cache per prefill instance, blocks")
-    sim.add_argument("--ttft-slo-s", type=float, help="default: isolated prefill time of the p95 prompt")
-    sim.add_argument("--policies", default="all", help="comma-separated prefill policies")
-    sim.add_argument("--profile", help="latency profile JSON (default: the shipped CPU profile)")
-    sim.add_argument("--requests", type=int, default=5000), sim.add_argument("--rate", type=float, default=1.0)
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--param", action="append", default=[], metavar="POLICY.NAME=VALUE",
-                     help="a policy parameter, e.g. cache_aware.balance_abs_tokens=32768 (repeatable)")
-    sim.add_argument("--out", default="results/sim")
-    sim.set_defaults(func=_simulate)
+    add_tool_commands(sub)
     prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
     prep.set_defaults(func=_prepare)
     return parser
@@ -78,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     out: dict = {}
-    for flag, key in (("host", "host"), ("port", "port"), ("ray_address", "ray_address")):
+    for flag, key in (("host", "host"), ("port", "port"), ("ray_address", "ray_address"), ("mode", "mode")):
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)
     for pool in ("prefill", "decode"):
@@ -203,52 +188,6 @@ def format_status(info: object) -> str:
     metrics = f", metrics on :{info.metrics_port}/metrics" if info.metrics_port else ""
     head = f"pdserve {info.version}: {info.model} (context {info.max_model_len}, block {info.block_size}{metrics})"
     return "\n".join([head, *lines])
-
-
-def _profile(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pdserve import profile
-    from pdserve.model import resolve_model
-
-    cfg = config_mod.load(None, {"engine": {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}})
-    result = profile.run(cfg.engine, resolve_model(cfg.engine.model), Path(args.out))
-    print(f"wrote {args.out}: prefill {result['fit']['prefill']}, decode {result['fit']['decode']}")
-    return 0
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pdserve.sim import workloads
-    from pdserve.sim.cluster import SimConfig
-    from pdserve.sim.study import run_study
-    from router.latency import DEFAULT_PROFILE, LatencyModel
-    from router.policies import PREFILL_POLICIES
-
-    latency = LatencyModel.load(args.profile or DEFAULT_PROFILE)
-    requests = workloads.load(args.trace, args.path, args.limit, args.requests, args.rate, args.seed)
-    slo = args.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
-    cfg = SimConfig(prefill=args.prefill, decode=args.decode, cache_blocks=args.cache_blocks, ttft_slo_s=slo, seed=args.seed)
-    policies = list(PREFILL_POLICIES) if args.policies == "all" else args.policies.split(",")
-    results = run_study(args.trace, requests, cfg, latency, policies, Path(args.out), _policy_params(args.param))
-    print(Path(args.out, "table.md").read_text())
-    print(f"TTFT SLO {slo:.1f} s; reference rate {results['reference_rate_rps']:.4f} req/s "
-          f"(capacity of {results['best_baseline']}); {results['seconds']:.0f} s; files in {args.out}")
-    return 0
-
-
-def _policy_params(items: list[str]) -> dict[str, dict]:
-    """``["cache_aware.balance_abs_tokens=32768"]`` -> ``{"cache_aware": {"balance_abs_tokens": 32768.0}}``."""
-    out: dict[str, dict] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        policy, _, name = key.partition(".")
-        if not (policy and name and value):
-            raise config_mod.ConfigError(f"--param {item!r}: expected POLICY.NAME=VALUE")
-        number = float(value)
-        out.setdefault(policy, {})[name] = int(number) if number.is_integer() else number
-    return out
 
 
 def _prepare(args: argparse.Namespace) -> int:

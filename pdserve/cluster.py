@@ -49,26 +49,36 @@ class Cluster:
         self._init_ray(total)
         gpu = self._use_gpu()
         from decode_worker.worker import DecodeWorker
-        from prefill_worker.worker import PrefillWorker
+        from prefill_worker.worker import ColocatedWorker, PrefillWorker
 
+        if self.cfg.mode == "colocated":  # the same engines, each serving both phases
+            for i in range(total):
+                self.prefill.append(self._spawn(ColocatedWorker, f"engine-{i}", model, i, gpu, self.cfg.prefill.ray_resources))
+            self._wait_ready(model)
+            return
         for i in range(self.cfg.prefill.instances):
             self.prefill.append(self._spawn(PrefillWorker, f"prefill-{i}", model, i, gpu, self.cfg.prefill.ray_resources))
         for i in range(self.cfg.decode.instances):
             self.decode.append(self._spawn(DecodeWorker, f"decode-{i}", model, self.cfg.prefill.instances + i, gpu,
                                            self.cfg.decode.ray_resources))
+        self._wait_ready(model)
+
+    def _wait_ready(self, model: str) -> None:
         infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=self.ready_timeout_s)
         self.model_info = infos[0]
-        log.info("cluster up: %d prefill, %d decode, model %s", len(self.prefill), len(self.decode), model)
+        log.info("cluster up (%s): %d prefill, %d decode, model %s", self.cfg.mode, len(self.prefill),
+                 len(self.decode), model)
 
     def add_worker(self, role: str) -> WorkerRef:
-        """Start one more worker of ``role`` on the running cluster and wait until it is up."""
+        """Start one more worker of ``role`` (prefill, decode or colocated) on the running cluster,
+        wait until it is up, and add it to its pool (colocated workers join ``prefill``)."""
         from decode_worker.worker import DecodeWorker
-        from prefill_worker.worker import PrefillWorker
+        from prefill_worker.worker import ColocatedWorker, PrefillWorker
 
-        pool, cls, cfg = ((self.prefill, PrefillWorker, self.cfg.prefill) if role == "prefill"
-                          else (self.decode, DecodeWorker, self.cfg.decode))
-        index = len(self.workers)
-        worker = self._spawn(cls, f"{role}-{len(pool)}", self.model_info.model, index, self._use_gpu(), cfg.ray_resources)
+        cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[role]
+        pool, cfg = (self.decode, self.cfg.decode) if role == "decode" else (self.prefill, self.cfg.prefill)
+        name = f"{role}-{sum(w.role == role for w in self.workers)}"
+        worker = self._spawn(cls, name, self.model_info.model, len(self.workers), self._use_gpu(), cfg.ray_resources)
         ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
         pool.append(worker)
         return worker
@@ -80,7 +90,7 @@ class Cluster:
             ray.get(worker.actor.shutdown.remote(), timeout=30)
         finally:
             ray.kill(worker.actor)
-            (self.prefill if worker.role == "prefill" else self.decode).remove(worker)
+            (self.decode if worker.role == "decode" else self.prefill).remove(worker)
 
     @property
     def workers(self) -> list[WorkerRef]:

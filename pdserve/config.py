@@ -97,6 +97,9 @@ class PoolConfig:
 class ServeConfig:
     """A whole deployment: the router's endpoint, Ray, the two pools and their engines."""
 
+    mode: str = "disaggregated"
+    """``disaggregated`` (prefill and decode pools, KV transfer) or ``colocated`` (the same number
+    of engines, prefill.instances + decode.instances, each serving both phases; the baseline)."""
     host: str = "127.0.0.1"
     """Address the router's gRPC server binds."""
     port: int = 50051
@@ -123,6 +126,7 @@ class ServeConfig:
     """Upper bound on one request's life in the router when the client sets no deadline."""
 
     def __post_init__(self) -> None:
+        _require(self.mode in ("disaggregated", "colocated"), f"mode must be disaggregated or colocated, got {self.mode!r}")
         _require(0 <= self.port < 65536, "port must be in 0..65535")
         _require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")
         _require(self.slo_ttft_ms >= 0 and self.slo_tpot_ms >= 0, "slo_ttft_ms and slo_tpot_ms must be >= 0")

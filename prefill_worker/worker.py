@@ -28,3 +28,10 @@ class PrefillWorker(EngineWorker):
         """Serve the whole request on this engine, streaming deltas (no KV transfer)."""
         async for chunk in self.host.stream(request_id, prompt_ids, spec, spec.max_tokens):
             yield chunk
+
+
+class ColocatedWorker(PrefillWorker):
+    """Ray actor of a colocated deployment (``mode: colocated``): one engine, no KV connector,
+    serving both phases of every request with vLLM's own chunked-prefill scheduling (``generate``)."""
+
+    role = "colocated"

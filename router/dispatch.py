@@ -16,7 +16,8 @@ import ray
 
 from kv_transfer import transport
 from kv_transfer.handle import KvHandle
-from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, RequestRecord, RequestState
+from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, PrefillResult, RequestRecord,
+                           RequestState)
 from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
@@ -82,9 +83,10 @@ class _Legs:
 
 
 class Dispatcher:
-    """The disaggregated request path over two pools."""
+    """The request path: over two pools (disaggregated), or over one pool of engines that serve
+    both phases (colocated: ``decode`` is None)."""
 
-    def __init__(self, prefill: WorkerPool, decode: WorkerPool, model: ModelInfo, default_max_tokens: int,
+    def __init__(self, prefill: WorkerPool, decode: WorkerPool | None, model: ModelInfo, default_max_tokens: int,
                  record: Callable[[RequestRecord], None] = lambda rec: None) -> None:
         self.prefill, self.decode = prefill, decode
         self.max_model_len, self.block_size = model.max_model_len, model.block_size
@@ -108,6 +110,40 @@ class Dispatcher:
 
     async def _run(self, req: RouterRequest, legs: _Legs) -> AsyncIterator[TokenEvent | FinalEvent]:
         route, ids = await self._prepare(req)
+        steps = self._disaggregated(req, route, ids, legs) if self.decode is not None else self._colocated(req, route, ids, legs)
+        async for event in steps:
+            yield event
+        req.to(RequestState.FINISHED)
+        yield self._final(req, legs)
+
+    async def _colocated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
+                         legs: _Legs) -> AsyncIterator[TokenEvent]:
+        """One engine serves both phases (the colocated baseline); PREFILLING -> DECODING."""
+        legs.prefill = legs.decode = self.prefill.pick(route)
+        req.to(RequestState.PREFILLING)
+        self.prefill.add_pending(legs.prefill.name, route.num_tokens)
+        stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(req.request_id, ids, req.sampling)
+        try:
+            async for ref in stream:
+                chunk = await _await(self.prefill, legs.prefill, ref)
+                if req.state is RequestState.PREFILLING and chunk.token_ids:
+                    self.prefill.add_pending(legs.prefill.name, -route.num_tokens)
+                    req.mark("first_token")
+                    req.to(RequestState.DECODING)
+                    legs.result = PrefillResult(chunk.token_ids[0], chunk.text, None, None, len(ids), 0,
+                                                req.since_arrival_ms("first_token") - req.since_arrival_ms("prefilling"))
+                if chunk.token_ids or chunk.text:
+                    legs.tokens_sent(len(chunk.token_ids))
+                    yield TokenEvent(chunk.token_ids, chunk.text)
+                legs.finish = chunk.finish_reason or legs.finish
+        finally:
+            if req.state is RequestState.PREFILLING:
+                self.prefill.add_pending(legs.prefill.name, -route.num_tokens)
+        legs.decode_done = True
+
+    async def _disaggregated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
+                             legs: _Legs) -> AsyncIterator[TokenEvent]:
+        """Prefill instance, KV hand-off, decode instance."""
         legs.prefill = self.prefill.pick(route)
         req.to(RequestState.PREFILLING)
         legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
@@ -127,8 +163,6 @@ class Dispatcher:
                     legs.tokens_sent(len(chunk.token_ids))
                     yield TokenEvent(chunk.token_ids, chunk.text)
                 legs.finish, legs.kv = chunk.finish_reason or legs.finish, chunk.kv or legs.kv
-        req.to(RequestState.FINISHED)
-        yield self._final(req, legs)
 
     async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
         """Tokenize on a live prefill worker and check the lengths against the context."""

@@ -8,7 +8,7 @@ from pdserve.types import PromptInput, RequestState, SamplingSpec
 
 _ALLOWED: dict[RequestState, set[RequestState]] = {
     RequestState.QUEUED: {RequestState.PREFILLING, RequestState.REJECTED},
-    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.FINISHED},
+    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.DECODING, RequestState.FINISHED},
     RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.FINISHED},
     RequestState.DECODING: {RequestState.FINISHED},
 }

@@ -68,12 +68,17 @@ class PdServeService(pb_grpc.PdServeServicer):
         finally:
             self._in_flight.discard(req.request_id)
 
+    @property
+    def pools(self) -> list[WorkerPool]:
+        """The deployment's pools: prefill and decode, or the one colocated pool."""
+        return [p for p in (self.dispatcher.prefill, self.dispatcher.decode) if p is not None]
+
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining, limit = context.time_remaining(), self.settings.request_timeout_s
         return min(remaining, limit) if remaining is not None else limit
 
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
-        pools = (self.dispatcher.prefill, self.dispatcher.decode)
+        pools = self.pools
         await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in pools))
         missing = [p.role for p in pools if not p.live()]
         if missing:
@@ -82,7 +87,7 @@ class PdServeService(pb_grpc.PdServeServicer):
         return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail="all pools have a live instance")
 
     async def ServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfoResponse:
-        pools = [_pool_info(p, self.stats) for p in (self.dispatcher.prefill, self.dispatcher.decode)]
+        pools = [_pool_info(p, self.stats) for p in self.pools]
         return pb.ServerInfoResponse(version=VERSION, model=self.model.model, max_model_len=self.model.max_model_len,
                                      block_size=self.model.block_size, pools=pools, metrics_port=self.metrics_port)
 
@@ -121,12 +126,13 @@ class ServiceSettings:
     request_timeout_s: float = 300.0
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
+    mode: str = "disaggregated"
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
         """The subset of a deployment's config the router uses."""
         return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
-                   cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+                   cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode)
 
 
 def _latency_model() -> LatencyModel | None:
@@ -142,15 +148,23 @@ class RouterServer:
         self.stats = RouterStats()
         ctx = PolicyContext(block_size=model.block_size, cache_blocks=model.cache_blocks or 1024,
                             latency=_latency_model(), ttft_slo_ms=settings.slo_ttft_ms)
-        self.prefill = WorkerPool("prefill", prefill, make_policy(settings.prefill_policy, ctx), self.stats.record_decision)
-        self.decode = WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx), self.stats.record_decision)
-        self.exporter = PrometheusExporter([self.prefill, self.decode])
+        colocated = settings.mode == "colocated"
+        self.prefill = WorkerPool("colocated" if colocated else "prefill", prefill,
+                                  make_policy(settings.prefill_policy, ctx), self.stats.record_decision)
+        self.decode = None if colocated else WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx),
+                                                        self.stats.record_decision)
+        self.exporter = PrometheusExporter(self.pools)
         self.stats.listeners.append(self.exporter)
         dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                 self.stats.record_request)
         self.service = PdServeService(dispatcher, model, self.stats, settings)
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
+
+    @property
+    def pools(self) -> list[WorkerPool]:
+        """The pools this router routes over."""
+        return [p for p in (self.prefill, self.decode) if p is not None]
 
     async def start(self, host: str, port: int, metrics_port: int = -1) -> int:
         """Bind and start serving (and ``/metrics`` unless ``metrics_port`` is -1); returns the
@@ -162,8 +176,7 @@ class RouterServer:
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
-        await self.prefill.refresh(POLL_TIMEOUT_S)
-        await self.decode.refresh(POLL_TIMEOUT_S)
+        await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.pools))
         await self._server.start()
         self._poller = asyncio.create_task(self._poll())
         log.info("router serving on %s:%d", host, bound)
@@ -171,7 +184,7 @@ class RouterServer:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.gather(self.prefill.refresh(POLL_TIMEOUT_S), self.decode.refresh(POLL_TIMEOUT_S))
+            await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.pools))
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -10,6 +10,24 @@ import ray
 
 from pdserve.types import PromptInput, SamplingSpec
 
+STORY = ("Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker "
+         "who repaired every clock in the valley and knew the story of each one. ")
+SHARED = "You are a careful assistant. Here is a long shared document. " + STORY * 6
+
+
+def exactness_cases(cluster):
+    """Six prompts: short, chat, several blocks, two sharing a long prefix, 8 tokens short of the
+    context. (name, router input kwargs, PromptInput for the reference, max_tokens, ignore_eos)."""
+    near_limit = (tokenize(cluster, PromptInput(text=STORY * 40)) * 2)[:2048 - 8]
+    return [
+        ("short", {"prompt": "The capital of France is"}, PromptInput(text="The capital of France is"), 24, True),
+        ("chat", {"messages": [("user", "Name three colors.")]}, PromptInput(messages=(("user", "Name three colors."),)), 48, False),
+        ("several_blocks", {"prompt": STORY * 4}, PromptInput(text=STORY * 4), 24, True),
+        ("shared_prefix_a", {"prompt": SHARED + "Question: who lived there?"}, PromptInput(text=SHARED + "Question: who lived there?"), 24, True),
+        ("shared_prefix_b", {"prompt": SHARED + "Question: what did he repair?"}, PromptInput(text=SHARED + "Question: what did he repair?"), 24, True),
+        ("near_context_limit", {"token_ids": near_limit}, PromptInput(token_ids=tuple(near_limit)), 8, True),
+    ]
+
 
 @dataclass
 class Reference:

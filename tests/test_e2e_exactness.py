@@ -8,32 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 
-from helpers import external_tokens, idle, kv_bytes, reference, reset_caches, tokenize
+from helpers import STORY, exactness_cases, external_tokens, idle, kv_bytes, reference, reset_caches, tokenize
 from conftest import SEED, wait_until
 from pdserve.client import build_request
 from pdserve.types import PromptInput, SamplingSpec
 
-STORY = ("Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker "
-         "who repaired every clock in the valley and knew the story of each one. ")
-SHARED = "You are a careful assistant. Here is a long shared document. " + STORY * 6
-
-
-def _cases(cluster):
-    near_limit = (tokenize(cluster, PromptInput(text=STORY * 40)) * 2)[:2048 - 8]
-    return [  # (name, router input kwargs, PromptInput for the reference, max_tokens, ignore_eos)
-        ("short", {"prompt": "The capital of France is"}, PromptInput(text="The capital of France is"), 24, True),
-        ("chat", {"messages": [("user", "Name three colors.")]}, PromptInput(messages=(("user", "Name three colors."),)), 48, False),
-        ("several_blocks", {"prompt": STORY * 4}, PromptInput(text=STORY * 4), 24, True),
-        ("shared_prefix_a", {"prompt": SHARED + "Question: who lived there?"}, PromptInput(text=SHARED + "Question: who lived there?"), 24, True),
-        ("shared_prefix_b", {"prompt": SHARED + "Question: what did he repair?"}, PromptInput(text=SHARED + "Question: what did he repair?"), 24, True),
-        ("near_context_limit", {"token_ids": near_limit}, PromptInput(token_ids=tuple(near_limit)), 8, True),
-    ]
-
-
 def test_greedy_output_matches_single_engine(cluster, client):
     """Six prompts: tokens and text identical; every prompt token loaded from the prefill side."""
     block = cluster.model_info.block_size
-    for name, kwargs, prompt, max_tokens, ignore_eos in _cases(cluster):
+    for name, kwargs, prompt, max_tokens, ignore_eos in exactness_cases(cluster):
         ids = tokenize(cluster, prompt)
         reset_caches(cluster)
         loaded_before = external_tokens(cluster)

@@ -82,7 +82,8 @@ TRANSITIONS = [  # (path from QUEUED, legal)
     ([_S.PREFILLING, _S.TRANSFERRING, _S.CANCELLED], True),
     ([_S.PREFILLING, _S.FAILED], True),
     ([_S.DECODING], False),
-    ([_S.PREFILLING, _S.DECODING], False),
+    ([_S.PREFILLING, _S.DECODING, _S.FINISHED], True),   # colocated: one engine, no transfer
+    ([_S.TRANSFERRING], False),
     ([_S.PREFILLING, _S.FINISHED, _S.CANCELLED], False),
     ([_S.CANCELLED, _S.FAILED], False),
 ]

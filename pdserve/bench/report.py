@@ -1,0 +1,147 @@
+"""``pdserve bench``'s runs and files: a rate sweep with its JSON results and plots, the
+comparison plot of several deployments, and the overhead measurement."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from pdserve.bench import runner
+from pdserve.bench.stats import Slo, max_goodput_rate, summarize
+from pdserve.bench.workloads import BenchRequest
+from pdserve.client import PdServeClient, build_request
+
+
+def sweep(target: str, requests: Sequence[BenchRequest], rates: Sequence[float], slos: Sequence[Slo],
+          label: str, arrival: str, concurrency: int, seed: int, timeout_s: float) -> dict:
+    """One run per rate (or one run for concurrency arrivals); results with max goodput per SLO."""
+    runs = []
+    for setting in rates:  # a rate (poisson), a time-scale factor (trace); ignored for concurrency
+        offsets = runner.arrival_times(requests, arrival, setting, setting, seed)
+        timings, duration = asyncio.run(runner.run(target, requests, arrival, setting, concurrency, setting, timeout_s, seed))
+        summary = summarize(timings, duration, slos)
+        offered = (len(requests) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]
+        runs.append({"setting": setting, "rate_rps": round(offered, 4), "summary": summary,
+                     "requests": [asdict(t) for t in timings]})
+    max_goodput = {s.name: max_goodput_rate([(r["rate_rps"], r["summary"]["slo"][s.name]["attainment"]) for r in runs])
+                   for s in slos}
+    return {"label": label, "target": target, "arrival": arrival, "slos": [asdict(s) for s in slos],
+            "runs": runs, "max_goodput_rps": max_goodput}
+
+
+def write(results: dict, out: Path) -> None:
+    """The JSON file and, beside it, the latency-CDF plot."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for run in results["runs"]:
+        for ax, key in zip(axes, ("ttft_s", "tpot_s")):
+            vals = sorted(r[key] for r in run["requests"] if r[key] is not None)
+            ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=f"{run['rate_rps']:g} req/s")
+    for ax, name in zip(axes, ("TTFT (s)", "TPOT (s)")):
+        ax.set(xlabel=name, ylabel="CDF", title=f"{results['label']}: {name}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".cdf.png"), dpi=110)
+    plt.close("all")
+
+
+def compare(files: Sequence[Path], out: Path) -> None:
+    """Attainment vs. rate of several deployments' results, one panel per SLO set."""
+    data = [json.loads(Path(f).read_text()) for f in files]
+    slos = [s["name"] for s in data[0]["slos"]]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(slos), figsize=(5 * len(slos), 4), squeeze=False)
+    for ax, slo in zip(axes[0], slos):
+        for d in data:
+            pts = [(r["rate_rps"], r["summary"]["slo"][slo]["attainment"]) for r in d["runs"]]
+            ax.plot(*zip(*pts), marker="o", label=f"{d['label']} (max goodput {d['max_goodput_rps'][slo]:g} req/s)")
+        ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+        ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", title=slo, ylim=(0, 1.05))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close("all")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int = 1000) -> dict:
+    """Sequential requests of each prompt length: the router's added latency (client TTFT minus
+    the prefill call), KV-transfer time and bytes, and the transport's throughput against a raw
+    TCP loopback stream of the same bytes measured in the same run."""
+    client, rows = PdServeClient(target), []
+    try:
+        for n in lengths:
+            for r in range(repeats):
+                ids = [(vocab_id + 7 * i + 131 * r + n) % 48_000 + 100 for i in range(n)]
+                start = time.perf_counter()
+                done = client.complete(build_request(token_ids=ids, max_tokens=4, ignore_eos=True))
+                ttft_client = done.final.timings.ttft_ms  # router-side TTFT (arrival to first token sent)
+                t = done.final.timings
+                rows.append({"prompt_tokens": n, "router_added_ms": ttft_client - t.prefill_ms,
+                             "client_e2e_ms": (time.perf_counter() - start) * 1e3, "kv_transfer_ms": t.kv_transfer_ms,
+                             "kv_transfer_bytes": t.kv_transfer_bytes,
+                             "raw_tcp_ms": _raw_tcp_ms(t.kv_transfer_bytes) if t.kv_transfer_bytes else None})
+    finally:
+        client.close()
+    by_len = {}
+    for n in lengths:
+        sel = [x for x in rows if x["prompt_tokens"] == n]
+        kv_ms, raw_ms = statistics.median(x["kv_transfer_ms"] for x in sel), statistics.median(x["raw_tcp_ms"] or 0 for x in sel)
+        nbytes = sel[0]["kv_transfer_bytes"]
+        by_len[n] = {"kv_transfer_bytes": nbytes, "kv_transfer_ms_median": kv_ms, "raw_tcp_ms_median": raw_ms,
+                     "transport_mib_s": nbytes / 2**20 / (kv_ms / 1e3) if kv_ms else None,
+                     "raw_tcp_mib_s": nbytes / 2**20 / (raw_ms / 1e3) if raw_ms else None,
+                     "transport_fraction_of_raw": (raw_ms / kv_ms) if kv_ms else None,
+                     "router_added_ms_median": statistics.median(x["router_added_ms"] for x in sel)}
+    return {"per_length": by_len, "requests": rows,
+            "router_added_ms_median": statistics.median(x["router_added_ms"] for x in rows)}
+
+
+def _raw_tcp_ms(nbytes: int, chunk: int = 1 << 20) -> float:
+    """Milliseconds to stream ``nbytes`` over a fresh TCP connection on 127.0.0.1 (connect
+    included, as a pull's is) until the receiver has read them all."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    received = threading.Event()
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        with conn:
+            got = 0
+            while got < nbytes:
+                data = conn.recv(chunk)
+                if not data:
+                    break
+                got += len(data)
+        received.set()
+
+    thread = threading.Thread(target=sink, daemon=True)
+    thread.start()
+    payload = bytes(min(chunk, nbytes))
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        sent = 0
+        while sent < nbytes:
+            conn.sendall(payload[: min(chunk, nbytes - sent)])
+            sent += min(chunk, nbytes - sent)
+    received.wait(30)
+    elapsed = time.perf_counter() - start
+    server.close()
+    return elapsed * 1e3

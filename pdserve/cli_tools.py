@@ -1,0 +1,142 @@
+"""The ``pdserve`` commands for studies and benchmarks: profile, simulate, bench, bench-compare.
+Registered on the main parser by ``add_tool_commands`` (see ``pdserve.cli``)."""
+from __future__ import annotations
+
+import argparse
+
+from pdserve import config as config_mod
+
+
+def add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the study and benchmark subcommands to ``pdserve``'s parser."""
+    prof = sub.add_parser("profile", help="measure the engine's prefill and decode speed into a JSON profile")
+    prof.add_argument("--out", default="deploy/profiles/cpu-smollm2-135m.json")
+    prof.add_argument("--model"), prof.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
+    prof.set_defaults(func=_profile)
+    sim = sub.add_parser("simulate", help="trace-driven cluster simulation of the routing policies")
+    sim.add_argument("--trace", choices=["mooncake", "azure-conv", "azure-code", "synthetic"], default="mooncake")
+    sim.add_argument("--path", help="trace file (default: the copy under ../shared/traces)")
+    sim.add_argument("--limit", type=int, help="first N requests only")
+    sim.add_argument("--prefill", type=int, default=16), sim.add_argument("--decode", type=int, default=16)
+    sim.add_argument("--cache-blocks", type=int, default=600, help="prefix cache per prefill instance, blocks")
+    sim.add_argument("--ttft-slo-s", type=float, help="default: isolated prefill time of the p95 prompt")
+    sim.add_argument("--policies", default="all", help="comma-separated prefill policies")
+    sim.add_argument("--profile", help="latency profile JSON (default: the shipped CPU profile)")
+    sim.add_argument("--requests", type=int, default=5000), sim.add_argument("--rate", type=float, default=1.0)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--param", action="append", default=[], metavar="POLICY.NAME=VALUE",
+                     help="a policy parameter, e.g. cache_aware.balance_abs_tokens=32768 (repeatable)")
+    sim.add_argument("--out", default="results/sim")
+    sim.set_defaults(func=_simulate)
+    bench = sub.add_parser("bench", help="load-test a running pdserve over its gRPC API")
+    bench.add_argument("--target", default="127.0.0.1:50051")
+    bench.add_argument("--workload", choices=["sharegpt", "azure-code", "azure-conv", "mooncake"], default="sharegpt")
+    bench.add_argument("--requests", type=int, default=40)
+    bench.add_argument("--arrival", choices=["poisson", "trace", "concurrency"], default="poisson")
+    bench.add_argument("--rate", type=float, default=1.0, help="req/s (poisson) or time-scale factor (trace)")
+    bench.add_argument("--sweep", help="comma-separated rates to run one after another")
+    bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--input-scale", type=float, default=0.1), bench.add_argument("--output-scale", type=float, default=0.25)
+    bench.add_argument("--max-output", type=int, default=64), bench.add_argument("--max-prompt", type=int, default=1536)
+    bench.add_argument("--slo", action="append", metavar="NAME:TTFT_S:TPOT_S",
+                       help=f"SLO sets (repeatable; default {' and '.join(DEFAULT_SLOS)})")
+    bench.add_argument("--seed", type=int, default=0), bench.add_argument("--timeout", type=float, default=300.0)
+    bench.add_argument("--label", default="pdserve"), bench.add_argument("--out", default="results/bench/run.json")
+    bench.add_argument("--overheads", action="store_true", help="measure router, KV-transfer and transport overheads instead")
+    bench.set_defaults(func=_bench)
+    cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
+    cmp_.add_argument("files", nargs="+"), cmp_.add_argument("--out", default="results/bench/compare.png")
+    cmp_.set_defaults(func=_bench_compare)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve import profile
+    from pdserve.model import resolve_model
+
+    cfg = config_mod.load(None, {"engine": {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}})
+    result = profile.run(cfg.engine, resolve_model(cfg.engine.model), Path(args.out))
+    print(f"wrote {args.out}: prefill {result['fit']['prefill']}, decode {result['fit']['decode']}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.sim import workloads
+    from pdserve.sim.cluster import SimConfig
+    from pdserve.sim.study import run_study
+    from router.latency import DEFAULT_PROFILE, LatencyModel
+    from router.policies import PREFILL_POLICIES
+
+    latency = LatencyModel.load(args.profile or DEFAULT_PROFILE)
+    requests = workloads.load(args.trace, args.path, args.limit, args.requests, args.rate, args.seed)
+    slo = args.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
+    cfg = SimConfig(prefill=args.prefill, decode=args.decode, cache_blocks=args.cache_blocks, ttft_slo_s=slo, seed=args.seed)
+    policies = list(PREFILL_POLICIES) if args.policies == "all" else args.policies.split(",")
+    results = run_study(args.trace, requests, cfg, latency, policies, Path(args.out), _policy_params(args.param))
+    print(Path(args.out, "table.md").read_text())
+    print(f"TTFT SLO {slo:.1f} s; reference rate {results['reference_rate_rps']:.4f} req/s "
+          f"(capacity of {results['best_baseline']}); {results['seconds']:.0f} s; files in {args.out}")
+    return 0
+
+
+def _policy_params(items: list[str]) -> dict[str, dict]:
+    """``["cache_aware.balance_abs_tokens=32768"]`` -> ``{"cache_aware": {"balance_abs_tokens": 32768.0}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        policy, _, name = key.partition(".")
+        if not (policy and name and value):
+            raise config_mod.ConfigError(f"--param {item!r}: expected POLICY.NAME=VALUE")
+        number = float(value)
+        out.setdefault(policy, {})[name] = int(number) if number.is_integer() else number
+    return out
+
+
+DEFAULT_SLOS = ("ttft-tight:1.0:0.5", "tpot-tight:10.0:0.1")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pdserve.bench import report, workloads
+    from pdserve.bench.stats import Slo
+
+    out = Path(args.out)
+    if args.overheads:
+        result = report.overheads(args.target, [64, 256, 512, 1024, 1900], repeats=3)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["per_length"], indent=1))
+        return 0
+    slos = []
+    for spec in args.slo or DEFAULT_SLOS:
+        name, ttft, tpot = spec.split(":")
+        slos.append(Slo(name, float(ttft), float(tpot)))
+    requests = workloads.load(args.workload, args.requests, args.seed, args.max_output, args.input_scale,
+                              args.output_scale, args.max_prompt)
+    rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.rate]
+    results = report.sweep(args.target, requests, rates, slos, args.label, args.arrival, args.concurrency, args.seed,
+                           args.timeout)
+    results.update(workload=args.workload, input_scale=args.input_scale, output_scale=args.output_scale, seed=args.seed)
+    report.write(results, out)
+    for run in results["runs"]:
+        s = run["summary"]
+        print(f"{run['rate_rps']:g} req/s: TTFT p50/p99 {s['ttft_s']['p50']:.3f}/{s['ttft_s']['p99']:.3f} s, TPOT p50/p99 "
+              f"{s['tpot_s']['p50'] * 1e3:.0f}/{s['tpot_s']['p99'] * 1e3:.0f} ms, "
+              + ", ".join(f"{k} {v['attainment']:.0%}" for k, v in s["slo"].items()))
+    print(f"max goodput (req/s at >= 90% attainment): {results['max_goodput_rps']}; wrote {out}")
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.bench import report
+
+    report.compare([Path(f) for f in args.files], Path(args.out))
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,79 @@
+"""pdserve bench: its statistics are exact for known timings, and a short real run against the
+test cluster writes a well-formed results file."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pdserve.bench import report, runner, workloads
+from pdserve.bench.stats import RequestTiming, Slo, max_goodput_rate, summarize
+
+TIMINGS = [
+    RequestTiming(True, ttft_s=0.2, tpot_s=0.05, e2e_s=1.0, prompt_tokens=10, output_tokens=17),
+    RequestTiming(True, ttft_s=0.4, tpot_s=0.15, e2e_s=2.0, prompt_tokens=10, output_tokens=11),
+    RequestTiming(True, ttft_s=1.2, tpot_s=0.05, e2e_s=3.0, prompt_tokens=10, output_tokens=21),
+    RequestTiming(True, ttft_s=0.3, tpot_s=None, e2e_s=0.3, prompt_tokens=10, output_tokens=1),
+    RequestTiming(False, error="UNAVAILABLE: no live decode instance"),
+]
+SLOS = [Slo("tight", ttft_s=0.5, tpot_s=0.1), Slo("loose", ttft_s=2.0, tpot_s=0.2)]
+
+
+@pytest.mark.parametrize("path,value", [
+    (("requests",), 5), (("succeeded",), 4), (("failed",), 1),
+    (("throughput_rps",), 0.4), (("output_tokens_per_s",), 5.0),
+    (("ttft_s", "p50"), 0.35), (("ttft_s", "p90"), 0.96), (("ttft_s", "mean"), 0.525),
+    (("tpot_s", "p50"), 0.05), (("tpot_s", "p99"), 0.148),
+    (("e2e_s", "p50"), 1.5),
+    (("slo", "tight", "attainment"), 0.4),      # #1 and #4 (no TPOT to miss); #2 misses TPOT, #3 TTFT, #5 failed
+    (("slo", "tight", "goodput_rps"), 0.2),
+    (("slo", "loose", "attainment"), 0.8),
+    (("slo", "loose", "goodput_rps"), 0.4),
+])
+def test_summary_is_exact(path, value):
+    summary = summarize(TIMINGS, duration_s=10.0, slos=SLOS)
+    for key in path:
+        summary = summary[key]
+    assert summary == pytest.approx(value)
+
+
+@pytest.mark.parametrize("points,expected", [
+    ([(0.5, 1.0), (1.0, 0.95), (2.0, 0.7)], 1.0),
+    ([(0.5, 0.8), (1.0, 0.5)], 0.0),
+    ([(0.5, 0.9), (1.0, 0.5), (2.0, 0.91)], 2.0),   # the highest rate that met it, as measured
+])
+def test_max_goodput_rate(points, expected):
+    assert max_goodput_rate(points) == expected
+
+
+def test_poisson_arrivals_are_seeded_and_average_the_rate():
+    reqs = [workloads.BenchRequest(4)] * 2000
+    a, b = runner.arrival_times(reqs, "poisson", 4.0, 1.0, 1), runner.arrival_times(reqs, "poisson", 4.0, 1.0, 1)
+    assert a == b and a[0] == 0.0 and 1999 / a[-1] == pytest.approx(4.0, rel=0.1)
+    trace = [workloads.BenchRequest(4, arrival_s=t) for t in (10.0, 12.0, 16.0)]
+    assert runner.arrival_times(trace, "trace", 0.0, 2.0, 0) == [0.0, 1.0, 3.0]
+
+
+def test_mooncake_workload_shares_real_token_blocks():
+    reqs = workloads.load("mooncake", 30, seed=0, max_output=16, input_scale=0.02, output_scale=0.1, max_prompt=1536)
+    firsts = {r.token_ids[:5] for r in reqs}
+    assert len(firsts) == 1                      # every row starts with the trace's block 0
+    assert all(1 <= r.max_tokens <= 16 and 0 < len(r.token_ids) <= 1536 for r in reqs)
+
+
+def test_short_real_run_writes_a_well_formed_results_file(router, tmp_path):
+    requests = workloads.load("sharegpt", 4, seed=random.Random(0).randrange(100), max_output=6, input_scale=1.0,
+                              output_scale=1.0, max_prompt=1536)
+    results = report.sweep(router.target, requests, [2.0], SLOS, "test", "poisson", 4, seed=0, timeout_s=120)
+    out = tmp_path / "run.json"
+    report.write(results, out)
+    data = json.loads(out.read_text())
+    run = data["runs"][0]
+    assert data["label"] == "test" and [s["name"] for s in data["slos"]] == ["tight", "loose"]
+    assert run["summary"]["requests"] == 4 and run["summary"]["succeeded"] == 4
+    assert all(r["ok"] and r["ttft_s"] > 0 and r["output_tokens"] >= 1 for r in run["requests"])
+    assert set(data["max_goodput_rps"]) == {"tight", "loose"}
+    assert out.with_suffix(".cdf.png").stat().st_size > 1000
+    report.compare([out, out], tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
