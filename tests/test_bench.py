@@ -55,6 +55,7 @@ def test_poisson_arrivals_are_seeded_and_average_the_rate():
     assert runner.arrival_times(trace, "trace", 0.0, 2.0, 0) == [0.0, 1.0, 3.0]
 
 
+@pytest.mark.skipif(not workloads.exists("mooncake"), reason="../shared/traces not present")
 def test_mooncake_workload_shares_real_token_blocks():
     reqs = workloads.load("mooncake", 30, seed=0, max_output=16, input_scale=0.02, output_scale=0.1, max_prompt=1536)
     firsts = {r.token_ids[:5] for r in reqs}
@@ -62,6 +63,7 @@ def test_mooncake_workload_shares_real_token_blocks():
     assert all(1 <= r.max_tokens <= 16 and 0 < len(r.token_ids) <= 1536 for r in reqs)
 
 
+@pytest.mark.skipif(not workloads.exists("sharegpt"), reason="../shared/traces not present")
 def test_short_real_run_writes_a_well_formed_results_file(router, tmp_path):
     requests = workloads.load("sharegpt", 4, seed=random.Random(0).randrange(100), max_output=6, input_scale=1.0,
                               output_scale=1.0, max_prompt=1536)
