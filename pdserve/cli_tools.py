@@ -41,6 +41,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--slo", action="append", metavar="NAME:TTFT_S:TPOT_S",
                        help=f"SLO sets (repeatable; default {' and '.join(DEFAULT_SLOS)})")
     bench.add_argument("--seed", type=int, default=0), bench.add_argument("--timeout", type=float, default=300.0)
+    bench.add_argument("--warmup", type=int, default=3, help="unrecorded requests sent first, one at a time")
     bench.add_argument("--label", default="pdserve"), bench.add_argument("--out", default="results/bench/run.json")
     bench.add_argument("--overheads", action="store_true", help="measure router, KV-transfer and transport overheads instead")
     bench.set_defaults(func=_bench)
@@ -95,7 +96,7 @@ def _policy_params(items: list[str]) -> dict[str, dict]:
     return out
 
 
-DEFAULT_SLOS = ("ttft-tight:1.0:0.5", "tpot-tight:10.0:0.1")
+DEFAULT_SLOS = ("ttft-tight:0.25:0.5", "tpot-tight:10.0:0.1")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -120,7 +121,7 @@ def _bench(args: argparse.Namespace) -> int:
                               args.output_scale, args.max_prompt)
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.rate]
     results = report.sweep(args.target, requests, rates, slos, args.label, args.arrival, args.concurrency, args.seed,
-                           args.timeout)
+                           args.timeout, args.warmup)
     results.update(workload=args.workload, input_scale=args.input_scale, output_scale=args.output_scale, seed=args.seed)
     report.write(results, out)
     for run in results["runs"]:

@@ -19,8 +19,13 @@ from pdserve.client import PdServeClient, build_request
 
 
 def sweep(target: str, requests: Sequence[BenchRequest], rates: Sequence[float], slos: Sequence[Slo],
-          label: str, arrival: str, concurrency: int, seed: int, timeout_s: float) -> dict:
-    """One run per rate (or one run for concurrency arrivals); results with max goodput per SLO."""
+          label: str, arrival: str, concurrency: int, seed: int, timeout_s: float, warmup: int = 0) -> dict:
+    """One run per rate (or one run for concurrency arrivals); results with max goodput per SLO.
+    ``warmup`` requests are sent one at a time first and not recorded (first requests of a fresh
+    engine pay one-time costs)."""
+    if warmup:
+        asyncio.run(runner.run(target, list(requests[:warmup]), "concurrency", concurrency=1, timeout_s=timeout_s,
+                               progress=False))
     runs = []
     for setting in rates:  # a rate (poisson), a time-scale factor (trace); ignored for concurrency
         offsets = runner.arrival_times(requests, arrival, setting, setting, seed)
@@ -32,7 +37,7 @@ def sweep(target: str, requests: Sequence[BenchRequest], rates: Sequence[float],
     max_goodput = {s.name: max_goodput_rate([(r["rate_rps"], r["summary"]["slo"][s.name]["attainment"]) for r in runs])
                    for s in slos}
     return {"label": label, "target": target, "arrival": arrival, "slos": [asdict(s) for s in slos],
-            "runs": runs, "max_goodput_rps": max_goodput}
+            "warmup_requests": warmup, "runs": runs, "max_goodput_rps": max_goodput}
 
 
 def write(results: dict, out: Path) -> None:
