@@ -14,7 +14,7 @@ from typing import Sequence
 
 from pdserve.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest, load_key
-from router.policies.prefix_index import PrefixIndex
+from router.policies.prefix_index import PrefixIndexes
 
 
 class CacheAwarePolicy:
@@ -26,24 +26,19 @@ class CacheAwarePolicy:
                  balance_abs_tokens: int = 131_072, balance_rel: float = 1.5) -> None:
         self.ctx, self.match_threshold = ctx, match_threshold
         self.balance_abs_tokens, self.balance_rel = balance_abs_tokens, balance_rel
-        self.indexes: dict[str, PrefixIndex] = {}
+        self.indexes = PrefixIndexes(ctx.cache_blocks)
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         choice = self._choose(request, candidates)
-        self._index(choice.instance).insert(request.block_hashes)
+        self.indexes[choice.instance].insert(request.block_hashes)
         return choice
 
     def _choose(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         loads = [c.pending_prefill_tokens for c in candidates]
         if max(loads) - min(loads) > self.balance_abs_tokens and max(loads) > self.balance_rel * min(loads):
             return Choice(min(candidates, key=load_key).instance, "load")
-        best = max(candidates, key=lambda c: (self._index(c.instance).match(request.block_hashes), -load_key(c)[0], c.instance))
-        matched = self._index(best.instance).match(request.block_hashes)
+        best = max(candidates, key=lambda c: (self.indexes[c.instance].match(request.block_hashes), -load_key(c)[0], c.instance))
+        matched = self.indexes[best.instance].match(request.block_hashes)
         if request.block_hashes and matched / len(request.block_hashes) >= self.match_threshold:
             return Choice(best.instance, "affinity")
         return Choice(min(candidates, key=load_key).instance, "load")
-
-    def _index(self, instance: str) -> PrefixIndex:
-        if instance not in self.indexes:
-            self.indexes[instance] = PrefixIndex(self.ctx.cache_blocks)
-        return self.indexes[instance]

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 from pdserve.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest
 from router.policies.hashring import HashRing, stable_hash
-from router.policies.prefix_index import PrefixIndex
+from router.policies.prefix_index import PrefixIndexes
 
 
 class DualMapPolicy:
@@ -43,7 +43,7 @@ class DualMapPolicy:
         self.min_hot_count = min_hot_count
         self.hot_factor = hot_factor
         self.rings = (HashRing(vnodes=vnodes, seed=ctx.seed + 1), HashRing(vnodes=vnodes, seed=ctx.seed + 2))
-        self.indexes: dict[str, PrefixIndex] = {}
+        self.indexes = PrefixIndexes(ctx.cache_blocks)
         self._window: deque[tuple[int, ...]] = deque(maxlen=window)
         self._prefix_counts: Counter[int] = Counter()
         self._pairs: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -79,7 +79,7 @@ class DualMapPolicy:
         return choice
 
     def _choose(self, request: RouteRequest, a: LoadSnapshot, b: LoadSnapshot) -> Choice:
-        hit_a, hit_b = (self._index(c.instance).match(request.block_hashes) for c in (a, b))
+        hit_a, hit_b = (self.indexes[c.instance].match(request.block_hashes) for c in (a, b))
         t_a, t_b = self.predicted_ttft_s(request, a, hit_a), self.predicted_ttft_s(request, b, hit_b)
         if hit_a == hit_b or a.instance == b.instance:
             return Choice(a.instance if (t_a, a.instance) <= (t_b, b.instance) else b.instance, "load")
@@ -110,15 +110,11 @@ class DualMapPolicy:
         prefix = request.block_hashes[:self.max_key_blocks]
         self._window.append(prefix)
         self._prefix_counts.update(prefix)
-        self._index(chosen).insert(request.block_hashes)
+        self.indexes[chosen].insert(request.block_hashes)
         self._pairs[request.request_id] = pair
         if len(self._pairs) > 100_000:
             self._pairs.popitem(last=False)
 
-    def _index(self, instance: str) -> PrefixIndex:
-        if instance not in self.indexes:
-            self.indexes[instance] = PrefixIndex(self.ctx.cache_blocks)
-        return self.indexes[instance]
 
     # ---- hotspot-aware rebalancing ------------------------------------------------------------
     def rebalance(self, queued: Mapping[str, Sequence[RouteRequest]], pending: Mapping[str, float]) -> list[tuple[str, str]]:

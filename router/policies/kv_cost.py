@@ -9,7 +9,7 @@ from typing import Sequence
 
 from pdserve.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest
-from router.policies.prefix_index import PrefixIndex
+from router.policies.prefix_index import PrefixIndexes
 
 
 class KvCostPolicy:
@@ -19,20 +19,15 @@ class KvCostPolicy:
 
     def __init__(self, ctx: PolicyContext = PolicyContext(), load_weight: float = 0.5) -> None:
         self.ctx, self.load_weight = ctx, load_weight
-        self.indexes: dict[str, PrefixIndex] = {}
+        self.indexes = PrefixIndexes(ctx.cache_blocks)
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         def cost(c: LoadSnapshot) -> tuple[float, str]:
-            uncached = max(0, request.num_tokens - self._index(c.instance).match(request.block_hashes) * self.ctx.block_size)
+            uncached = max(0, request.num_tokens - self.indexes[c.instance].match(request.block_hashes) * self.ctx.block_size)
             return uncached + self.load_weight * c.pending_prefill_tokens, c.instance
 
         best = min(candidates, key=cost)
-        index = self._index(best.instance)
+        index = self.indexes[best.instance]
         reason = "affinity" if index.match(request.block_hashes) else "load"
         index.insert(request.block_hashes)
         return Choice(best.instance, reason)
-
-    def _index(self, instance: str) -> PrefixIndex:
-        if instance not in self.indexes:
-            self.indexes[instance] = PrefixIndex(self.ctx.cache_blocks)
-        return self.indexes[instance]

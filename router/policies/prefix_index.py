@@ -34,3 +34,15 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+
+class PrefixIndexes(dict):
+    """One ``PrefixIndex`` per instance name, created on first use."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def __missing__(self, instance: str) -> PrefixIndex:
+        index = self[instance] = PrefixIndex(self.capacity)
+        return index
