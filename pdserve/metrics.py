@@ -20,6 +20,7 @@ from pdserve.types import Outcome, RequestRecord, RouteDecision
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 BYTES_BUCKETS = tuple(1024 * 4**i for i in range(12))  # 1 KiB .. 4 GiB
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0)
 ATTAINMENT_WINDOW = 1000
 """Finished requests the ``pdserve_slo_attainment_ratio`` gauge is computed over."""
 
@@ -51,6 +52,10 @@ class PrometheusExporter:
         self.kv_bytes = Histogram("pdserve_kv_transfer_size_bytes", "KV bytes moved per request.", buckets=BYTES_BUCKETS, registry=r)
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "KV pulls that failed (prompt recomputed).", registry=r)
         self.decisions = Counter("pdserve_router_decisions", "Routing decisions.", ["pool", "policy", "reason"], registry=r)
+        self.predicted_ttft = Histogram("pdserve_router_predicted_ttft_seconds", "The prefill policy's TTFT prediction "
+                                        "for requests that got their first token.", buckets=LATENCY_BUCKETS, registry=r)
+        self.prediction_ratio = Histogram("pdserve_router_ttft_prediction_ratio", "Actual over predicted TTFT.",
+                                          buckets=RATIO_BUCKETS, registry=r)
         self.slo_checks = Counter("pdserve_slo_checks", "Finished requests with an SLO target, by result.", ["slo", "result"], registry=r)
         self.goodput = Counter("pdserve_goodput_requests", "Finished requests meeting both TTFT and TPOT SLOs (unset = met).", registry=r)
         self.attainment = Gauge("pdserve_slo_attainment_ratio", f"Share of the last {ATTAINMENT_WINDOW} finished requests meeting the SLO.", ["slo"], registry=r)
@@ -62,6 +67,9 @@ class PrometheusExporter:
         _observe(self.queue, rec.queue_s)
         _observe(self.prefill, rec.prefill_s)
         _observe(self.ttft, rec.ttft_s)
+        if rec.predicted_ttft_s and rec.ttft_s is not None:
+            self.predicted_ttft.observe(rec.predicted_ttft_s)
+            self.prediction_ratio.observe(rec.ttft_s / rec.predicted_ttft_s)
         for gap in rec.inter_token_s:
             self.itl.observe(gap)
         _observe(self.kv_time, rec.kv_transfer_s)

@@ -136,6 +136,8 @@ class RequestRecord:
     kv_transfer_s: float | None = None
     kv_transfer_bytes: int | None = None
     kv_transfer_failed: bool = False
+    predicted_ttft_s: float | None = None
+    """The prefill policy's TTFT prediction when it made one."""
     ttft_slo_s: float = 0.0
     tpot_slo_s: float = 0.0
     prefill_instance: str = ""

@@ -72,6 +72,7 @@ class _Legs:
     kv: dict = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)
     last_token_at: float = 0.0
+    predicted_ttft_s: float | None = None
 
     def tokens_sent(self, count: int) -> None:
         """Account ``count`` tokens sent now (gaps are spread evenly over a message's tokens)."""
@@ -119,7 +120,8 @@ class Dispatcher:
     async def _colocated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
                          legs: _Legs) -> AsyncIterator[TokenEvent]:
         """One engine serves both phases (the colocated baseline); PREFILLING -> DECODING."""
-        legs.prefill = legs.decode = self.prefill.pick(route)
+        legs.prefill, choice = self.prefill.choose(route)
+        legs.decode, legs.predicted_ttft_s = legs.prefill, choice.predicted_ttft_s
         req.to(RequestState.PREFILLING)
         self.prefill.add_pending(legs.prefill.name, route.num_tokens)
         stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(req.request_id, ids, req.sampling)
@@ -144,7 +146,8 @@ class Dispatcher:
     async def _disaggregated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
                              legs: _Legs) -> AsyncIterator[TokenEvent]:
         """Prefill instance, KV hand-off, decode instance."""
-        legs.prefill = self.prefill.pick(route)
+        legs.prefill, choice = self.prefill.choose(route)
+        legs.predicted_ttft_s = choice.predicted_ttft_s
         req.to(RequestState.PREFILLING)
         legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
         self.prefill.add_pending(legs.prefill.name, route.num_tokens)
@@ -264,7 +267,7 @@ def _request_record(req: RouterRequest, legs: _Legs) -> RequestRecord:
         queue_s=seconds(RequestState.PREFILLING.value), prefill_s=result.prefill_ms / 1e3 if result else None,
         ttft_s=seconds("first_token"), e2e_s=seconds(RequestState.FINISHED.value), inter_token_s=tuple(legs.gaps),
         kv_transfer_s=kv["ms"] / 1e3 if "ms" in kv else None, kv_transfer_bytes=kv.get("bytes"),
-        kv_transfer_failed=bool(kv.get("failed")), ttft_slo_s=req.ttft_slo_ms / 1e3, tpot_slo_s=req.tpot_slo_ms / 1e3,
+        kv_transfer_failed=bool(kv.get("failed")), predicted_ttft_s=legs.predicted_ttft_s, ttft_slo_s=req.ttft_slo_ms / 1e3, tpot_slo_s=req.tpot_slo_ms / 1e3,
         prefill_instance=legs.prefill.name if legs.prefill else "", decode_instance=legs.decode.name if legs.decode else "")
 
 

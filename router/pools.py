@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from pdserve.types import LoadSnapshot, NoInstanceError, RouteDecision
-from router.policies import Policy, RouteRequest
+from router.policies import Choice, Policy, RouteRequest
 
 log = logging.getLogger("pdserve.router")
 
@@ -45,12 +45,16 @@ class WorkerPool:
 
     def pick(self, request: RouteRequest) -> Any:
         """The worker the policy chooses among the live ones; NoInstanceError if none is live."""
+        return self.choose(request)[0]
+
+    def choose(self, request: RouteRequest) -> tuple[Any, Choice]:
+        """Like ``pick``, with the policy's whole answer (reason, TTFT prediction)."""
         candidates = self.live()
         if not candidates:
             raise NoInstanceError(f"no live {self.role} instance")
         choice = self.policy.select(request, candidates)
         self._on_decision(RouteDecision(self.role, self.policy.name, choice.instance, choice.reason))
-        return self._workers[choice.instance]
+        return self._workers[choice.instance], choice
 
     def helper(self) -> Any:
         """A live worker for side work (tokenization), in turn, without consulting the policy

@@ -21,7 +21,8 @@ DEPLOY = ROOT / "deploy"
 
 RECORDS = [
     RequestRecord(Outcome.FINISHED, "length", 10, 3, queue_s=0.01, prefill_s=0.1, ttft_s=0.12, e2e_s=0.5,
-                  inter_token_s=(0.1, 0.3), kv_transfer_s=0.02, kv_transfer_bytes=4096, ttft_slo_s=0.2, tpot_slo_s=0.15,
+                  inter_token_s=(0.1, 0.3), kv_transfer_s=0.02, kv_transfer_bytes=4096, predicted_ttft_s=0.1,
+                  ttft_slo_s=0.2, tpot_slo_s=0.15,
                   prefill_instance="prefill-0", decode_instance="decode-0"),
     RequestRecord(Outcome.FINISHED, "stop", 5, 1, queue_s=0.01, prefill_s=0.2, ttft_s=0.3, e2e_s=0.3,
                   ttft_slo_s=0.2, prefill_instance="prefill-0"),
@@ -71,6 +72,11 @@ def exporter():
     ("pdserve_goodput_requests_total", {}, 1),
     ("pdserve_slo_attainment_ratio", {"slo": "both"}, 1 / 3),
     ("pdserve_router_decisions_total", {"pool": "prefill", "policy": "round_robin", "reason": "rotation"}, 2),
+    ("pdserve_router_predicted_ttft_seconds_count", {}, 1),
+    ("pdserve_router_predicted_ttft_seconds_sum", {}, 0.1),
+    ("pdserve_router_ttft_prediction_ratio_sum", {}, 1.2),
+    ("pdserve_router_ttft_prediction_ratio_bucket", {"le": "1.1"}, 0),
+    ("pdserve_router_ttft_prediction_ratio_bucket", {"le": "1.25"}, 1),
     ("pdserve_instance_up", {"pool": "decode", "worker": "decode-0"}, 0),
     ("pdserve_instance_requests_running", {"pool": "decode", "worker": "decode-0"}, 3),
     ("pdserve_instance_kv_cache_usage_ratio", {"pool": "prefill", "worker": "prefill-0"}, 0.25),

@@ -115,6 +115,8 @@ def test_dualmap_slo_switch(slo_aware, expected_reason):
     choice = policy.select(turn2, snaps({affine: 2000, other: 100}))  # 2.0 s + ... vs 0.1 s + 0.17 s
     assert choice.reason == expected_reason
     assert choice.instance == (other if slo_aware else affine)
+    # predicted TTFT: queued tokens x 1 ms + own uncached prefill (other: 170 new; affine: 42 new)
+    assert choice.predicted_ttft_s == pytest.approx(0.1 + 0.170 if slo_aware else 2.0 + 0.042)
 
 
 def test_dualmap_keeps_a_conversation_on_its_instance_under_equal_load():

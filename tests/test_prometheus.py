@@ -95,6 +95,7 @@ def test_prometheus_sees_request_counts(prometheus, traffic):
         'sum(pdserve_requests_total{outcome="cancelled"})': 1,
         "sum(pdserve_prompt_tokens_total) > 0": None,
         'sum(pdserve_router_decisions_total{pool="decode"})': FINISHED + 1,
+        "sum(pdserve_router_predicted_ttft_seconds_count)": FINISHED + 1,   # dualmap predicts every TTFT
     }
     def scraped() -> bool:
         return all(_query(prometheus, e).get("") == v if v is not None else _query(prometheus, e)

@@ -51,6 +51,8 @@ class Choice:
 
     instance: str
     reason: str
+    predicted_ttft_s: float | None = None
+    """The policy's TTFT prediction for the chosen instance, where it makes one (dualmap)."""
 
 
 class Policy(Protocol):

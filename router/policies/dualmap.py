@@ -82,12 +82,13 @@ class DualMapPolicy:
         hit_a, hit_b = (self.indexes[c.instance].match(request.block_hashes) for c in (a, b))
         t_a, t_b = self.predicted_ttft_s(request, a, hit_a), self.predicted_ttft_s(request, b, hit_b)
         if hit_a == hit_b or a.instance == b.instance:
-            return Choice(a.instance if (t_a, a.instance) <= (t_b, b.instance) else b.instance, "load")
+            best, t_best = (a, t_a) if (t_a, a.instance) <= (t_b, b.instance) else (b, t_b)
+            return Choice(best.instance, "load", t_best)
         (affine, t_aff), (other, t_other) = ((a, t_a), (b, t_b)) if hit_a > hit_b else ((b, t_b), (a, t_a))
         slo_s = (request.ttft_slo_ms or self.ctx.ttft_slo_ms) / 1e3
         if self.slo_aware and slo_s and t_aff > slo_s and t_other < t_aff:
-            return Choice(other.instance, "slo_switch")
-        return Choice(affine.instance, "affinity")
+            return Choice(other.instance, "slo_switch", t_other)
+        return Choice(affine.instance, "affinity", t_aff)
 
     def predicted_ttft_s(self, request: RouteRequest, c: LoadSnapshot, hit_blocks: int) -> float:
         """Queue wait plus this request's own prefill on ``c`` (token counts if no model).
