@@ -79,9 +79,9 @@ class PoolConfig:
 
     instances: int = 1
     """Number of worker actors (each hosts one engine)."""
-    policy: str = ""
-    """Routing policy name (see ``router.policies``); empty: ``dualmap`` for prefill,
-    ``decode_p2c`` for decode."""
+    policy: str = "round_robin"
+    """Routing policy name (see ``router.policies``). ``ServeConfig`` defaults the prefill pool to
+    ``dualmap`` and the decode pool to ``decode_p2c``."""
     ray_resources: dict = field(default_factory=dict)
     """Extra Ray resources each worker of the pool asks for, e.g. ``{"pdserve_prefill": 1}`` to
     place it on the node group that advertises that resource (deploy/ray-cluster.yaml)."""
@@ -134,13 +134,17 @@ class ServeConfig:
         _require(self.request_timeout_s > 0, "request_timeout_s must be > 0")
 
 
+def _require_mapping(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses.
 
     Raises ConfigError for an unknown key or a value of the wrong shape.
     """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    _require_mapping(data, path.rstrip(".") or "config")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     _require(not unknown, f"unknown config key(s) {', '.join(path + k for k in unknown)}")
@@ -149,8 +153,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         factory = fields[name].default_factory
         default = factory() if factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):  # a section overrides its field's own default
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}{name}: expected a mapping, got {type(value).__name__}")
+            _require_mapping(value, f"{path}{name}")
             base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
             value = from_dict(type(default), {**base, **value}, f"{path}{name}.")
         values[name] = value

@@ -94,6 +94,11 @@ class Dispatcher:
         self.default_max_tokens = default_max_tokens
         self._record = record
 
+    @property
+    def pools(self) -> list[WorkerPool]:
+        """The pools requests go through: prefill and decode, or the one colocated pool."""
+        return [p for p in (self.prefill, self.decode) if p is not None]
+
     async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Stream the request's events; raises InvalidRequestError, NoInstanceError (or
         WorkerFailedError), or CancelledError, after cleaning up."""
@@ -123,24 +128,20 @@ class Dispatcher:
         legs.prefill, choice = self.prefill.choose(route)
         legs.decode, legs.predicted_ttft_s = legs.prefill, choice.predicted_ttft_s
         req.to(RequestState.PREFILLING)
-        self.prefill.add_pending(legs.prefill.name, route.num_tokens)
         stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(req.request_id, ids, req.sampling)
-        try:
+        with self.prefill.pending(legs.prefill.name, route.num_tokens) as queued:
             async for ref in stream:
                 chunk = await _await(self.prefill, legs.prefill, ref)
                 if req.state is RequestState.PREFILLING and chunk.token_ids:
-                    self.prefill.add_pending(legs.prefill.name, -route.num_tokens)
+                    queued.done()
                     req.mark("first_token")
                     req.to(RequestState.DECODING)
-                    legs.result = PrefillResult(chunk.token_ids[0], chunk.text, None, None, len(ids), 0,
-                                                req.since_arrival_ms("first_token") - req.since_arrival_ms("prefilling"))
+                    prefill_ms = req.since_arrival_ms("first_token") - req.since_arrival_ms(RequestState.PREFILLING.value)
+                    legs.result = PrefillResult(chunk.token_ids[0], chunk.text, None, None, len(ids), 0, prefill_ms)
                 if chunk.token_ids or chunk.text:
                     legs.tokens_sent(len(chunk.token_ids))
                     yield TokenEvent(chunk.token_ids, chunk.text)
                 legs.finish = chunk.finish_reason or legs.finish
-        finally:
-            if req.state is RequestState.PREFILLING:
-                self.prefill.add_pending(legs.prefill.name, -route.num_tokens)
         legs.decode_done = True
 
     async def _disaggregated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
@@ -150,11 +151,8 @@ class Dispatcher:
         legs.predicted_ttft_s = choice.predicted_ttft_s
         req.to(RequestState.PREFILLING)
         legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
-        self.prefill.add_pending(legs.prefill.name, route.num_tokens)
-        try:
+        with self.prefill.pending(legs.prefill.name, route.num_tokens):
             result = legs.result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
-        finally:
-            self.prefill.add_pending(legs.prefill.name, -route.num_tokens)
         legs.prefill_ref, legs.handle = None, KvHandle.from_params(result.kv_params)
         req.mark("first_token")
         legs.tokens_sent(1)
@@ -267,7 +265,8 @@ def _request_record(req: RouterRequest, legs: _Legs) -> RequestRecord:
         queue_s=seconds(RequestState.PREFILLING.value), prefill_s=result.prefill_ms / 1e3 if result else None,
         ttft_s=seconds("first_token"), e2e_s=seconds(RequestState.FINISHED.value), inter_token_s=tuple(legs.gaps),
         kv_transfer_s=kv["ms"] / 1e3 if "ms" in kv else None, kv_transfer_bytes=kv.get("bytes"),
-        kv_transfer_failed=bool(kv.get("failed")), predicted_ttft_s=legs.predicted_ttft_s, ttft_slo_s=req.ttft_slo_ms / 1e3, tpot_slo_s=req.tpot_slo_ms / 1e3,
+        kv_transfer_failed=bool(kv.get("failed")), predicted_ttft_s=legs.predicted_ttft_s,
+        ttft_slo_s=req.ttft_slo_ms / 1e3, tpot_slo_s=req.tpot_slo_ms / 1e3,
         prefill_instance=legs.prefill.name if legs.prefill else "", decode_instance=legs.decode.name if legs.decode else "")
 
 

@@ -35,9 +35,11 @@ class WorkerPool:
         dead ones included, in name order."""
         return [replace(self._loads[n], pending_prefill_tokens=self._pending[n]) for n in sorted(self._loads)]
 
-    def add_pending(self, name: str, tokens: int) -> None:
-        """Count prompt tokens sent to ``name`` whose prefill has not finished (negative: done)."""
+    def pending(self, name: str, tokens: int) -> PendingPrefill:
+        """Count ``tokens`` prompt tokens as queued on ``name`` until the returned object's
+        ``done()`` or the end of its ``with`` block, whichever comes first."""
         self._pending[name] += tokens
+        return PendingPrefill(self._pending, name, tokens)
 
     def live(self) -> list[LoadSnapshot]:
         """Snapshots of the live workers."""
@@ -87,3 +89,21 @@ class WorkerPool:
             if self._loads[name].alive:
                 log.warning("%s stopped answering: %s", name, type(err).__name__)
             return replace(self._loads[name], alive=False)
+
+
+class PendingPrefill:
+    """A pool's count of one request's queued prefill tokens; ``done`` takes it back, once."""
+
+    def __init__(self, counts: dict[str, int], name: str, tokens: int) -> None:
+        self._counts, self._name, self._tokens = counts, name, tokens
+
+    def done(self) -> None:
+        """The prefill finished (or will never run): stop counting its tokens. Idempotent."""
+        self._counts[self._name] -= self._tokens
+        self._tokens = 0
+
+    def __enter__(self) -> PendingPrefill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()

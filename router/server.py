@@ -68,17 +68,12 @@ class PdServeService(pb_grpc.PdServeServicer):
         finally:
             self._in_flight.discard(req.request_id)
 
-    @property
-    def pools(self) -> list[WorkerPool]:
-        """The deployment's pools: prefill and decode, or the one colocated pool."""
-        return [p for p in (self.dispatcher.prefill, self.dispatcher.decode) if p is not None]
-
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining, limit = context.time_remaining(), self.settings.request_timeout_s
         return min(remaining, limit) if remaining is not None else limit
 
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
-        pools = self.pools
+        pools = self.dispatcher.pools
         await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in pools))
         missing = [p.role for p in pools if not p.live()]
         if missing:
@@ -87,7 +82,7 @@ class PdServeService(pb_grpc.PdServeServicer):
         return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail="all pools have a live instance")
 
     async def ServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfoResponse:
-        pools = [_pool_info(p, self.stats) for p in self.pools]
+        pools = [_pool_info(p, self.stats) for p in self.dispatcher.pools]
         return pb.ServerInfoResponse(version=VERSION, model=self.model.model, max_model_len=self.model.max_model_len,
                                      block_size=self.model.block_size, pools=pools, metrics_port=self.metrics_port)
 
@@ -153,18 +148,13 @@ class RouterServer:
                                   make_policy(settings.prefill_policy, ctx), self.stats.record_decision)
         self.decode = None if colocated else WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx),
                                                         self.stats.record_decision)
-        self.exporter = PrometheusExporter(self.pools)
+        self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
+                                     self.stats.record_request)
+        self.exporter = PrometheusExporter(self.dispatcher.pools)
         self.stats.listeners.append(self.exporter)
-        dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
-                                self.stats.record_request)
-        self.service = PdServeService(dispatcher, model, self.stats, settings)
+        self.service = PdServeService(self.dispatcher, model, self.stats, settings)
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
-
-    @property
-    def pools(self) -> list[WorkerPool]:
-        """The pools this router routes over."""
-        return [p for p in (self.prefill, self.decode) if p is not None]
 
     async def start(self, host: str, port: int, metrics_port: int = -1) -> int:
         """Bind and start serving (and ``/metrics`` unless ``metrics_port`` is -1); returns the
@@ -176,7 +166,7 @@ class RouterServer:
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
-        await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.pools))
+        await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
         await self._server.start()
         self._poller = asyncio.create_task(self._poll())
         log.info("router serving on %s:%d", host, bound)
@@ -184,7 +174,7 @@ class RouterServer:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.pools))
+            await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def stop(self, grace_s: float = 5.0) -> None:
