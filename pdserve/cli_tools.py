@@ -14,18 +14,20 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--model"), prof.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
     prof.set_defaults(func=_profile)
     sim = sub.add_parser("simulate", help="trace-driven cluster simulation of the routing policies")
-    sim.add_argument("--trace", choices=["mooncake", "azure-conv", "azure-code", "synthetic"], default="mooncake")
-    sim.add_argument("--path", help="trace file (default: the copy under ../shared/traces)")
+    sim.add_argument("--setup", help="a regime under deploy/sim (paper, paper-h100, paper-tune, cpu, synthetic, "
+                     "azure-conv) or a YAML path; default: the CPU regime of --trace")
+    sim.add_argument("--trace", choices=["mooncake", "azure-conv", "azure-code", "synthetic"])
     sim.add_argument("--limit", type=int, help="first N requests only")
-    sim.add_argument("--prefill", type=int, default=16), sim.add_argument("--decode", type=int, default=16)
-    sim.add_argument("--cache-blocks", type=int, default=600, help="prefix cache per prefill instance, blocks")
-    sim.add_argument("--ttft-slo-s", type=float, help="default: isolated prefill time of the p95 prompt")
+    sim.add_argument("--prefill", type=int), sim.add_argument("--decode", type=int)
+    sim.add_argument("--cache-blocks", type=int, help="prefix cache per prefill instance, blocks")
+    sim.add_argument("--ttft-slo-s", type=float, help="default: the setup's, else isolated prefill of the p95 prompt")
     sim.add_argument("--policies", default="all", help="comma-separated prefill policies")
-    sim.add_argument("--profile", help="latency profile JSON (default: the shipped CPU profile)")
-    sim.add_argument("--requests", type=int, default=5000), sim.add_argument("--rate", type=float, default=1.0)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--profile", help="latency profile: a name under deploy/profiles or a JSON path")
+    sim.add_argument("--requests", type=int), sim.add_argument("--rate", type=float)
+    sim.add_argument("--seed", type=int)
     sim.add_argument("--param", action="append", default=[], metavar="POLICY.NAME=VALUE",
                      help="a policy parameter, e.g. cache_aware.balance_abs_tokens=32768 (repeatable)")
+    sim.add_argument("--ablation", action="store_true", help="also DualMap's goodput with each mechanism off")
     sim.add_argument("--out", default="results/sim")
     sim.set_defaults(func=_simulate)
     bench = sub.add_parser("bench", help="load-test a running pdserve over its gRPC API")
@@ -62,21 +64,32 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEFAULT_SETUP = {"mooncake": "cpu", "synthetic": "synthetic", "azure-conv": "azure-conv", "azure-code": "azure-conv"}
+_SETUP_FLAGS = ("trace", "limit", "prefill", "decode", "cache_blocks", "ttft_slo_s", "profile", "requests", "rate", "seed")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pdserve.sim import workloads
     from pdserve.sim.cluster import SimConfig
+    from pdserve.sim.setup import load_setup
     from pdserve.sim.study import run_study
-    from router.latency import DEFAULT_PROFILE, LatencyModel
+    from router.latency import LatencyModel
     from router.policies import PREFILL_POLICIES
 
-    latency = LatencyModel.load(args.profile or DEFAULT_PROFILE)
-    requests = workloads.load(args.trace, args.path, args.limit, args.requests, args.rate, args.seed)
-    slo = args.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
-    cfg = SimConfig(prefill=args.prefill, decode=args.decode, cache_blocks=args.cache_blocks, ttft_slo_s=slo, seed=args.seed)
+    overrides = {k: getattr(args, k) for k in _SETUP_FLAGS if getattr(args, k) is not None}
+    setup = load_setup(args.setup or _DEFAULT_SETUP[args.trace or "mooncake"], overrides)
+    latency = LatencyModel.load(setup.profile_path())
+    requests = workloads.from_setup(setup)
+    slo = setup.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
+    cfg = SimConfig(prefill=setup.prefill, decode=setup.decode, cache_blocks=setup.cache_blocks, ttft_slo_s=slo,
+                    kv_bytes_per_token=setup.kv_bytes_per_token, kv_bandwidth_bps=setup.kv_bandwidth_bps,
+                    warmup=setup.warmup, seed=setup.seed)
     policies = list(PREFILL_POLICIES) if args.policies == "all" else args.policies.split(",")
-    results = run_study(args.trace, requests, cfg, latency, policies, Path(args.out), _policy_params(args.param))
+    params = {**setup.policy_params, **_policy_params(args.param)}
+    results = run_study(setup.trace, requests, cfg, latency, policies, Path(args.out), params, setup.fixed_rates,
+                        args.ablation)
     print(Path(args.out, "table.md").read_text())
     print(f"TTFT SLO {slo:.1f} s; reference rate {results['reference_rate_rps']:.4f} req/s "
           f"(capacity of {results['best_baseline']}); {results['seconds']:.0f} s; files in {args.out}")

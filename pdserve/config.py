@@ -74,6 +74,48 @@ class KvTransferConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """How the router sees prompts and predicts prefill times."""
+
+    block_tokens: int = 0
+    """Tokens per router block hash (prefix keys and cache views), independent of the engine's KV
+    block. 0: automatic, min(512, max_model_len // 16), a multiple of the engine's block."""
+    latency_profile: str = "auto"
+    """Latency profile of the prefill predictions: a name under ``deploy/profiles`` (without
+    .json), a path, or ``auto`` (the shipped CPU profile; the online refit adapts it)."""
+    refit_latency: bool = True
+    """Rescale the profile online from observed prefill times, so predictions fit the hardware."""
+
+    def __post_init__(self) -> None:
+        _require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")
+        _require(bool(self.latency_profile), "routing.latency_profile must name a profile or be auto")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """The router-side admission queue in front of the prefill engines (``router/admission.py``)."""
+
+    max_engine_prompts: int = 2
+    """Prompts one engine prefills at a time; the rest wait in the router, by priority then arrival."""
+    max_engine_tokens: int = 4096
+    """Uncached prompt tokens one engine has at a time (a single prompt always fits)."""
+    max_queued_requests: int = 512
+    """Requests waiting in the router over all instances; past it, RESOURCE_EXHAUSTED."""
+    max_queued_tokens: int = 2_000_000
+    """Uncached prompt tokens waiting in the router; past it, RESOURCE_EXHAUSTED."""
+    max_requests_in_flight: int = 1024
+    """Requests between admission and their final message, deployment-wide; past it, RESOURCE_EXHAUSTED."""
+    reject_factor: float = 3.0
+    """Early rejection: a request whose predicted TTFT exceeds this many times its TTFT SLO gets
+    RESOURCE_EXHAUSTED at once (0 disables; requests without an SLO are never rejected this way)."""
+
+    def __post_init__(self) -> None:
+        _require(min(self.max_engine_prompts, self.max_engine_tokens, self.max_queued_requests,
+                     self.max_queued_tokens, self.max_requests_in_flight) >= 1, "admission bounds must be >= 1")
+        _require(self.reject_factor == 0 or self.reject_factor >= 1, "admission.reject_factor must be 0 or >= 1")
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """One worker pool (prefill or decode)."""
 
@@ -85,9 +127,12 @@ class PoolConfig:
     ray_resources: dict = field(default_factory=dict)
     """Extra Ray resources each worker of the pool asks for, e.g. ``{"pdserve_prefill": 1}`` to
     place it on the node group that advertises that resource (deploy/ray-cluster.yaml)."""
+    policy_params: dict = field(default_factory=dict)
+    """Keyword parameters of the policy's class, e.g. ``{slo_aware: false}`` for dualmap."""
 
     def __post_init__(self) -> None:
         _require(self.instances >= 1, "pool instances must be >= 1")
+        _require(isinstance(self.policy_params, dict), "pool policy_params must be a mapping")
         _require(isinstance(self.ray_resources, dict) and all(
             isinstance(v, (int, float)) and v > 0 for v in self.ray_resources.values()),
             "pool ray_resources must map resource names to amounts > 0")
@@ -114,6 +159,10 @@ class ServeConfig:
     """Engine settings for every worker."""
     kv_transfer: KvTransferConfig = field(default_factory=KvTransferConfig)
     """KV-transfer settings."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """Router blocks and the latency model."""
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """The router-side admission queue and its bounds."""
     metrics_port: int = 9400
     """Port of the router's Prometheus ``/metrics`` endpoint (0 picks a free one, -1 disables)."""
     slo_ttft_ms: float = 0.0

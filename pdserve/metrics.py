@@ -28,12 +28,14 @@ ATTAINMENT_WINDOW = 1000
 class PrometheusExporter:
     """Owns a registry; ``on_request``/``on_decision`` are called by RouterStats."""
 
-    def __init__(self, pools: Sequence[Any]) -> None:
+    def __init__(self, pools: Sequence[Any], admission: Any = None, latency: Any = None) -> None:
         self.registry = CollectorRegistry()
         self._pools = pools
         self._met: deque[tuple[bool, bool]] = deque(maxlen=ATTAINMENT_WINDOW)
         self._define()
         self.registry.register(_PoolCollector(pools))
+        if admission is not None:
+            self.registry.register(_AdmissionCollector(admission, latency))
         self._server = None
 
     def _define(self) -> None:
@@ -142,3 +144,27 @@ class _PoolCollector:
                 queries.add_metric(key, s.prefix_cache_queries)
                 hits.add_metric(key, s.prefix_cache_hits)
         return [up, waiting, running, usage, queries, hits]
+
+
+class _AdmissionCollector:
+    """The router-side admission queue: depth, rejections, rebalancing moves, the latency refit."""
+
+    def __init__(self, admission: Any, latency: Any) -> None:
+        self._admission, self._latency = admission, latency
+
+    def collect(self) -> Iterable[Metric]:
+        a = self._admission
+        queued = GaugeMetricFamily("pdserve_router_queued_requests", "Requests waiting in the router's admission queue.")
+        queued.add_metric([], a.queued())
+        rejected = CounterMetricFamily("pdserve_router_rejections", "Requests refused at admission (RESOURCE_EXHAUSTED).",
+                                       labels=["reason"])
+        for reason, count in sorted(a.stats.rejected.items()):
+            rejected.add_metric([reason], count)
+        moves = CounterMetricFamily("pdserve_router_rebalance_moves", "Queued requests moved to their other candidate.")
+        moves.add_metric([], a.stats.moved)
+        out = [queued, rejected, moves]
+        if self._latency is not None and hasattr(self._latency, "scale"):
+            scale = GaugeMetricFamily("pdserve_router_latency_scale", "Observed over profiled prefill time (online refit).")
+            scale.add_metric([], self._latency.scale)
+            out.append(scale)
+        return out

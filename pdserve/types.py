@@ -35,6 +35,15 @@ class NoInstanceError(RuntimeError):
     """No live instance in a pool (gRPC UNAVAILABLE)."""
 
 
+class OverloadedError(RuntimeError):
+    """Admission refused: a queue bound is reached or the request's predicted TTFT is far past its
+    SLO (gRPC RESOURCE_EXHAUSTED); the message is one line, ``retry_after_s`` a hint."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """Sampling settings, already validated by the router."""
@@ -95,7 +104,12 @@ class LoadSnapshot:
     prefix_cache_hits: int = 0
     alive: bool = True
     pending_prefill_tokens: int = 0
-    """Prompt tokens sent to this instance whose prefill has not finished (router-tracked)."""
+    """Uncached prompt tokens routed to this instance whose prefill has not finished (router-tracked;
+    a request's cached prefix is not queued work)."""
+    queued_prefill_s: float = 0.0
+    """Predicted seconds of prefill work routed to this instance and not finished: the sum of each
+    such request's own predicted prefill (its length and cached prefix), the running one's
+    remainder included where known (router-tracked)."""
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,10 @@ class PdServeServicer:
     def Generate(self, request, context):
         """Generate streams one GenerateResponse per batch of new tokens; the last
         message has `final` set. Errors: INVALID_ARGUMENT for bad input,
-        UNAVAILABLE when a pool has no live instance.
+        UNAVAILABLE when a pool has no live instance, RESOURCE_EXHAUSTED when
+        admission refuses the request (a queue bound, or a predicted TTFT far
+        past its SLO; trailing metadata "retry-after-s" is a hint in seconds),
+        DEADLINE_EXCEEDED when its deadline passes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -16,9 +16,10 @@ import ray
 
 from kv_transfer import transport
 from kv_transfer.handle import KvHandle
-from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, PrefillResult, RequestRecord,
-                           RequestState)
+from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, PrefillResult,
+                           RequestRecord, RequestState)
 from router.policies import RouteRequest, block_hashes
+from router.admission import Ticket
 from router.pools import WorkerPool
 from router.request import RouterRequest
 
@@ -54,6 +55,7 @@ class FinalEvent:
     e2e_ms: float
     prefill_instance: str
     decode_instance: str = ""
+    prefill_reason: str = ""
 
 
 @dataclass
@@ -73,6 +75,7 @@ class _Legs:
     gaps: list[float] = field(default_factory=list)
     last_token_at: float = 0.0
     predicted_ttft_s: float | None = None
+    ticket: Ticket | None = None
 
     def tokens_sent(self, count: int) -> None:
         """Account ``count`` tokens sent now (gaps are spread evenly over a message's tokens)."""
@@ -88,11 +91,14 @@ class Dispatcher:
     both phases (colocated: ``decode`` is None)."""
 
     def __init__(self, prefill: WorkerPool, decode: WorkerPool | None, model: ModelInfo, default_max_tokens: int,
-                 record: Callable[[RequestRecord], None] = lambda rec: None) -> None:
+                 record: Callable[[RequestRecord], None] = lambda rec: None, router_block: int = 0) -> None:
         self.prefill, self.decode = prefill, decode
-        self.max_model_len, self.block_size = model.max_model_len, model.block_size
+        self.max_model_len = model.max_model_len
+        self.router_block = router_block_tokens(model, router_block)
         self.default_max_tokens = default_max_tokens
         self._record = record
+        self.in_flight = 0
+        """Requests admitted and not yet ended (the admission bound counts them)."""
 
     @property
     def pools(self) -> list[WorkerPool]:
@@ -103,6 +109,7 @@ class Dispatcher:
         """Stream the request's events; raises InvalidRequestError, NoInstanceError (or
         WorkerFailedError), or CancelledError, after cleaning up."""
         legs = _Legs()
+        self.in_flight += 1
         try:
             async for event in self._run(req, legs):
                 yield event
@@ -111,6 +118,7 @@ class Dispatcher:
                 req.to(_terminal_state(err))
             raise
         finally:
+            self.in_flight -= 1
             await asyncio.shield(self._cleanup(req, legs))
             self._record(_request_record(req, legs))
 
@@ -125,34 +133,39 @@ class Dispatcher:
     async def _colocated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
                          legs: _Legs) -> AsyncIterator[TokenEvent]:
         """One engine serves both phases (the colocated baseline); PREFILLING -> DECODING."""
-        legs.prefill, choice = self.prefill.choose(route)
-        legs.decode, legs.predicted_ttft_s = legs.prefill, choice.predicted_ttft_s
-        req.to(RequestState.PREFILLING)
+        await self._admit(req, route, legs)
+        legs.decode = legs.prefill
         stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(req.request_id, ids, req.sampling)
-        with self.prefill.pending(legs.prefill.name, route.num_tokens) as queued:
-            async for ref in stream:
-                chunk = await _await(self.prefill, legs.prefill, ref)
-                if req.state is RequestState.PREFILLING and chunk.token_ids:
-                    queued.done()
-                    req.mark("first_token")
-                    req.to(RequestState.DECODING)
-                    prefill_ms = req.since_arrival_ms("first_token") - req.since_arrival_ms(RequestState.PREFILLING.value)
-                    legs.result = PrefillResult(chunk.token_ids[0], chunk.text, None, None, len(ids), 0, prefill_ms)
-                if chunk.token_ids or chunk.text:
-                    legs.tokens_sent(len(chunk.token_ids))
-                    yield TokenEvent(chunk.token_ids, chunk.text)
-                legs.finish = chunk.finish_reason or legs.finish
+        async for ref in stream:
+            chunk = await _await(self.prefill, legs.prefill, ref)
+            if req.state is RequestState.PREFILLING and chunk.token_ids:
+                req.mark("first_token")
+                req.to(RequestState.DECODING)
+                prefill_ms = req.since_arrival_ms("first_token") - req.since_arrival_ms(RequestState.PREFILLING.value)
+                legs.result = PrefillResult(chunk.token_ids[0], chunk.text, None, None, len(ids), 0, prefill_ms)
+                self.prefill.admission.finish(legs.ticket, prefill_ms / 1e3)
+            if chunk.token_ids or chunk.text:
+                legs.tokens_sent(len(chunk.token_ids))
+                yield TokenEvent(chunk.token_ids, chunk.text)
+            legs.finish = chunk.finish_reason or legs.finish
         legs.decode_done = True
+
+    async def _admit(self, req: RouterRequest, route: RouteRequest, legs: _Legs) -> None:
+        """Route the prefill, queue it in the router until its engine has room (QUEUED ->
+        PREFILLING); raises OverloadedError when admission refuses it."""
+        worker, choice = self.prefill.choose(route)
+        legs.ticket = self.prefill.admission.admit(route, req.priority, choice, req.ttft_slo_ms / 1e3, self.in_flight - 1)
+        legs.predicted_ttft_s = choice.predicted_ttft_s or legs.ticket.predicted_ttft_s
+        legs.prefill = self.prefill.get(await self.prefill.admission.dispatched(legs.ticket))
+        req.to(RequestState.PREFILLING)
 
     async def _disaggregated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
                              legs: _Legs) -> AsyncIterator[TokenEvent]:
         """Prefill instance, KV hand-off, decode instance."""
-        legs.prefill, choice = self.prefill.choose(route)
-        legs.predicted_ttft_s = choice.predicted_ttft_s
-        req.to(RequestState.PREFILLING)
+        await self._admit(req, route, legs)
         legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
-        with self.prefill.pending(legs.prefill.name, route.num_tokens):
-            result = legs.result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
+        result = legs.result = await _await(self.prefill, legs.prefill, legs.prefill_ref)
+        self.prefill.admission.finish(legs.ticket, result.prefill_ms / 1e3, result.num_cached_tokens)
         legs.prefill_ref, legs.handle = None, KvHandle.from_params(result.kv_params)
         req.mark("first_token")
         legs.tokens_sent(1)
@@ -180,8 +193,9 @@ class Dispatcher:
             raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                       f"context ({self.max_model_len})")
         req.sampling = replace(req.sampling, max_tokens=max_tokens)
-        route = RouteRequest(req.request_id, block_hashes(ids, self.block_size), len(ids), max_tokens,
-                             req.ttft_slo_ms, req.tpot_slo_ms, req.priority)
+        hashes = block_hashes(ids, self.router_block) if self.prefill.policy.uses_prefix else ()
+        route = RouteRequest(req.request_id, hashes, len(ids), max_tokens, req.ttft_slo_ms, req.tpot_slo_ms,
+                             req.priority)
         return route, ids
 
     async def _decode(self, req: RouterRequest, route: RouteRequest, ids: list[int], result: Any,
@@ -209,10 +223,13 @@ class Dispatcher:
             cached_tokens=result.num_cached_tokens, queue_ms=req.since_arrival_ms(RequestState.PREFILLING.value),
             prefill_ms=result.prefill_ms, kv_transfer_ms=kv.get("ms", 0.0), kv_transfer_bytes=kv.get("bytes", 0),
             ttft_ms=req.since_arrival_ms("first_token"), e2e_ms=req.since_arrival_ms(RequestState.FINISHED.value),
-            prefill_instance=legs.prefill.name, decode_instance=legs.decode.name if legs.decode else "")
+            prefill_instance=legs.prefill.name, decode_instance=legs.decode.name if legs.decode else "",
+            prefill_reason=legs.ticket.reason if legs.ticket else "")
 
     async def _cleanup(self, req: RouterRequest, legs: _Legs) -> None:
         """Abort what still runs and release KV nobody took over (bounded)."""
+        if legs.ticket is not None:
+            self.prefill.admission.finish(legs.ticket)
         try:
             async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
                 if legs.prefill_ref is not None:
@@ -270,9 +287,17 @@ def _request_record(req: RouterRequest, legs: _Legs) -> RequestRecord:
         prefill_instance=legs.prefill.name if legs.prefill else "", decode_instance=legs.decode.name if legs.decode else "")
 
 
+def router_block_tokens(model: ModelInfo, configured: int = 0) -> int:
+    """Tokens per router block: ``configured``, or min(512, context / 16) rounded down to a multiple
+    of the engine's KV block (at least one engine block)."""
+    if configured:
+        return configured
+    return max(model.block_size, min(512, model.max_model_len // 16) // model.block_size * model.block_size)
+
+
 def _terminal_state(err: BaseException) -> RequestState:
     if isinstance(err, (asyncio.CancelledError, TimeoutError)):
         return RequestState.CANCELLED
-    if isinstance(err, InvalidRequestError):
+    if isinstance(err, (InvalidRequestError, OverloadedError)):
         return RequestState.REJECTED
     return RequestState.FAILED

@@ -8,6 +8,7 @@ decode_step_s(batch, context) = d + e*batch + f*batch*context (weights once, KV 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,9 +44,19 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PROFILE) -> LatencyModel:
-        """Fit the model to a profile JSON written by ``pdserve profile``."""
+        """The model of a profile JSON: fitted to the points ``pdserve profile`` measured, or, for a
+        derived profile (roofline, published numbers), its ``coefficients`` as given."""
         data = json.loads(Path(path).read_text())
+        if "coefficients" in data:
+            coef = data["coefficients"]
+            return cls(tuple(coef["prefill"]), tuple(coef["decode"]), data["origin"])
         return cls.fit([tuple(p) for p in data["prefill"]], [tuple(p) for p in data["decode"]], data["origin"])
+
+    def scaled(self, factor: float) -> LatencyModel:
+        """The same model with every prefill and decode time multiplied by ``factor`` (the online
+        refit's correction)."""
+        return LatencyModel(tuple(factor * v for v in self.prefill), tuple(factor * v for v in self.decode),
+                            f"{self.origin} (x{factor:.3g}, refit online)")
 
     def to_dict(self) -> dict:
         """JSON-ready coefficients."""
@@ -67,3 +78,40 @@ def _lstsq(rows: list[tuple[float, float, float]], ys: list[float]) -> list[floa
                 f = m[r][col] / m[col][col]
                 m[r] = [a - f * b for a, b in zip(m[r], m[col])]
     return [(m[i][3] / m[i][i] if abs(m[i][i]) > 1e-12 else 0.0) / scale[i] for i in range(3)]
+
+
+class OnlineLatencyModel:
+    """A ``LatencyModel`` refitted online: every prediction is the base model's times a scale that
+    follows observed prefill times (an exponentially weighted mean of log(observed / predicted)),
+    so predictions settle on whatever hardware runs, whichever profile was shipped.
+
+    Reads (``prefill_s``, ``decode_step_s``) come from the policies and the admission queue;
+    ``observe`` from the admission queue when a prefill that ran alone on its engine finishes.
+    """
+
+    def __init__(self, base: LatencyModel, weight: float = 0.2, refit: bool = True) -> None:
+        self.base, self.weight, self.refit = base, weight, refit
+        self._log_scale = 0.0
+        self.observations = 0
+
+    @property
+    def scale(self) -> float:
+        """observed / base-predicted prefill time, as currently fitted."""
+        return math.exp(self._log_scale)
+
+    def prefill_s(self, tokens: int, cached: int = 0) -> float:
+        """The base model's prefill time, rescaled."""
+        return self.scale * self.base.prefill_s(tokens, cached)
+
+    def decode_step_s(self, batch: int, context: float) -> float:
+        """The base model's decode step, rescaled by the same factor."""
+        return self.scale * self.base.decode_step_s(batch, context)
+
+    def observe(self, tokens: int, cached: int, seconds: float) -> None:
+        """Take one observed prefill (``tokens`` uncached after ``cached``) into the fit."""
+        predicted = self.base.prefill_s(tokens, cached)
+        if not self.refit or predicted <= 0 or seconds <= 0:
+            return
+        self.observations += 1
+        weight = max(self.weight, 1.0 / self.observations)  # the first observations count fully
+        self._log_scale += weight * (math.log(seconds / predicted) - self._log_scale)

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from pdserve.types import LoadSnapshot, NoInstanceError, RouteDecision
+from router.admission import AdmissionQueue
 from router.policies import Choice, Policy, RouteRequest
 
 log = logging.getLogger("pdserve.router")
@@ -20,26 +21,28 @@ class WorkerPool:
     """A role's workers (objects with ``name`` and a Ray ``actor`` handle)."""
 
     def __init__(self, role: str, workers: Sequence[Any], policy: Policy,
-                 on_decision: Callable[[RouteDecision], None] = lambda decision: None) -> None:
+                 on_decision: Callable[[RouteDecision], None] = lambda decision: None,
+                 admission: AdmissionQueue | None = None) -> None:
         self.role, self.policy, self._on_decision = role, policy, on_decision
+        self.admission = admission
+        """The router-side queue in front of this pool's prefills (prefill and colocated pools)."""
         self._workers = {w.name: w for w in workers}
         self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
         self._helper_turn = 0
-        self._pending: dict[str, int] = {w.name: 0 for w in workers}
 
     def __len__(self) -> int:
         return len(self._workers)
 
     def snapshots(self) -> list[LoadSnapshot]:
-        """Every worker's last snapshot with the router's own count of queued prefill tokens,
-        dead ones included, in name order."""
-        return [replace(self._loads[n], pending_prefill_tokens=self._pending[n]) for n in sorted(self._loads)]
-
-    def pending(self, name: str, tokens: int) -> PendingPrefill:
-        """Count ``tokens`` prompt tokens as queued on ``name`` until the returned object's
-        ``done()`` or the end of its ``with`` block, whichever comes first."""
-        self._pending[name] += tokens
-        return PendingPrefill(self._pending, name, tokens)
+        """Every worker's last snapshot with the admission queue's own accounting of the prefill
+        work routed to it (uncached tokens, predicted seconds), dead ones included, in name order."""
+        if self.admission is None:
+            return [self._loads[n] for n in sorted(self._loads)]
+        out = []
+        for n in sorted(self._loads):
+            tokens, seconds = self.admission.load(n)
+            out.append(replace(self._loads[n], pending_prefill_tokens=tokens, queued_prefill_s=seconds))
+        return out
 
     def live(self) -> list[LoadSnapshot]:
         """Snapshots of the live workers."""
@@ -89,21 +92,3 @@ class WorkerPool:
             if self._loads[name].alive:
                 log.warning("%s stopped answering: %s", name, type(err).__name__)
             return replace(self._loads[name], alive=False)
-
-
-class PendingPrefill:
-    """A pool's count of one request's queued prefill tokens; ``done`` takes it back, once."""
-
-    def __init__(self, counts: dict[str, int], name: str, tokens: int) -> None:
-        self._counts, self._name, self._tokens = counts, name, tokens
-
-    def done(self) -> None:
-        """The prefill finished (or will never run): stop counting its tokens. Idempotent."""
-        self._counts[self._name] -= self._tokens
-        self._tokens = 0
-
-    def __enter__(self) -> PendingPrefill:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done()

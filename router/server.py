@@ -8,18 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from pdserve.config import ServeConfig
+from pdserve.config import AdmissionConfig, RoutingConfig, ServeConfig
 from pdserve.metrics import PrometheusExporter
-from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, RequestRecord
+from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
-from router.dispatch import Dispatcher, FinalEvent, TokenEvent
-from router.latency import DEFAULT_PROFILE, LatencyModel
+from router.admission import AdmissionQueue
+from router.dispatch import Dispatcher, FinalEvent, TokenEvent, router_block_tokens
+from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel
 from router.policies import PolicyContext, make_policy
 from router.pools import WorkerPool
 from router.stats import RouterStats
@@ -29,6 +31,7 @@ log = logging.getLogger("pdserve.router")
 VERSION = "0.1.0"
 POLL_INTERVAL_S = 0.25
 POLL_TIMEOUT_S = 2.0
+PROFILES_DIR = DEFAULT_PROFILE.parent
 
 
 class PdServeService(pb_grpc.PdServeServicer):
@@ -58,6 +61,9 @@ class PdServeService(pb_grpc.PdServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NoInstanceError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except OverloadedError as err:
+            context.set_trailing_metadata((("retry-after-s", f"{err.retry_after_s:.0f}"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{err}; retry after {err.retry_after_s:.0f} s")
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id} timed out")
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -108,7 +114,7 @@ def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateRes
                        cached_prompt_tokens=e.cached_tokens),
         timings=pb.Timings(queue_ms=e.queue_ms, prefill_ms=e.prefill_ms, kv_transfer_ms=e.kv_transfer_ms,
                            ttft_ms=e.ttft_ms, e2e_ms=e.e2e_ms, kv_transfer_bytes=e.kv_transfer_bytes),
-        prefill_instance=e.prefill_instance, decode_instance=e.decode_instance)
+        prefill_instance=e.prefill_instance, decode_instance=e.decode_instance, prefill_reason=e.prefill_reason)
 
 
 @dataclass(frozen=True)
@@ -122,17 +128,28 @@ class ServiceSettings:
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
     mode: str = "disaggregated"
+    prefill_params: dict = field(default_factory=dict)
+    """Keyword parameters of the prefill policy's class."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
         """The subset of a deployment's config the router uses."""
         return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
-                   cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode)
+                   cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode, dict(cfg.prefill.policy_params), cfg.routing,
+                   cfg.admission)
 
 
-def _latency_model() -> LatencyModel | None:
-    """The shipped profile's model, if present (policies fall back to token counts)."""
-    return LatencyModel.load(DEFAULT_PROFILE) if DEFAULT_PROFILE.is_file() else None
+def latency_model(routing: RoutingConfig) -> OnlineLatencyModel:
+    """The live latency model: the configured profile (``auto``: the shipped CPU one), refitted
+    online from observed prefill times unless ``refit_latency`` is off."""
+    name = routing.latency_profile
+    path = DEFAULT_PROFILE if name == "auto" else PROFILES_DIR / f"{name}.json"
+    path = path if path.is_file() else Path(name)
+    if not path.is_file():
+        raise ValueError(f"latency profile {name!r} not found (a name under {PROFILES_DIR} or a path)")
+    return OnlineLatencyModel(LatencyModel.load(path), refit=routing.refit_latency)
 
 
 class RouterServer:
@@ -141,16 +158,21 @@ class RouterServer:
     def __init__(self, prefill: Sequence[Any], decode: Sequence[Any], model: ModelInfo,
                  settings: ServiceSettings = ServiceSettings()) -> None:
         self.stats = RouterStats()
-        ctx = PolicyContext(block_size=model.block_size, cache_blocks=model.cache_blocks or 1024,
-                            latency=_latency_model(), ttft_slo_ms=settings.slo_ttft_ms)
+        block = router_block_tokens(model, settings.routing.block_tokens)
+        self.latency = latency_model(settings.routing)
+        cache_blocks = max(1, (model.cache_blocks or 1024) * model.block_size // block)
+        ctx = PolicyContext(block_size=block, cache_blocks=cache_blocks, latency=self.latency,
+                            ttft_slo_ms=settings.slo_ttft_ms)
         colocated = settings.mode == "colocated"
-        self.prefill = WorkerPool("colocated" if colocated else "prefill", prefill,
-                                  make_policy(settings.prefill_policy, ctx), self.stats.record_decision)
+        role = "colocated" if colocated else "prefill"
+        policy = make_policy(settings.prefill_policy, ctx, **settings.prefill_params)
+        admission = AdmissionQueue(settings.admission, self.latency, policy, role, self.stats.record_decision)
+        self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission)
         self.decode = None if colocated else WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx),
                                                         self.stats.record_decision)
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
-                                     self.stats.record_request)
-        self.exporter = PrometheusExporter(self.dispatcher.pools)
+                                     self.stats.record_request, block)
+        self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
         self._server: grpc.aio.Server | None = None
@@ -173,8 +195,10 @@ class RouterServer:
         return bound
 
     async def _poll(self) -> None:
+        """Refresh every pool's load, then let the prefill policy rebalance the router's queue."""
         while True:
             await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
+            self.prefill.admission.rebalance({s.instance for s in self.prefill.live()})
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def stop(self, grace_s: float = 5.0) -> None:

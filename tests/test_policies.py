@@ -8,9 +8,11 @@ import pytest
 
 from pdserve.types import LoadSnapshot
 from router.latency import LatencyModel
-from router.policies import POLICIES, PolicyContext, RouteRequest, block_hashes, make_policy
+from router.policies import (POLICIES, InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, block_hashes,
+                             make_policy)
 from router.policies.dualmap import DualMapPolicy
 from router.policies.hashring import HashRing
+from router.policies.hotness import HotnessTree
 
 SEED = 7
 NAMES = [f"p{i}" for i in range(8)]
@@ -18,8 +20,10 @@ LINEAR = LatencyModel(prefill=(0.0, 0.001, 0.0), decode=(0.01, 0.001, 0.0), orig
 
 
 def snaps(pending: dict[str, int] | None = None, names=NAMES) -> list[LoadSnapshot]:
+    """Queued uncached tokens per instance, and their seconds at LINEAR's 1 ms per token."""
     pending = pending or {}
-    return [LoadSnapshot(n, pending_prefill_tokens=pending.get(n, 0)) for n in names]
+    return [LoadSnapshot(n, pending_prefill_tokens=pending.get(n, 0), queued_prefill_s=pending.get(n, 0) / 1e3)
+            for n in names]
 
 
 def req(rid: str, hashes: tuple[int, ...], tokens: int | None = None, **kw) -> RouteRequest:
@@ -126,43 +130,101 @@ def test_dualmap_keeps_a_conversation_on_its_instance_under_equal_load():
     assert len(chosen) == 1
 
 
-@pytest.mark.parametrize("hot_share,min_spread,max_spread", [(0.05, 6, 8), (1.0, 1, 2)])
-def test_dualmap_adaptive_key_skips_a_hot_shared_prefix(hot_share, min_spread, max_spread):
-    """Every request starts with the same system-prompt block 0. The adaptive key skips it and
-    spreads conversations; keying on block 0 (never hot) crowds them onto two instances."""
-    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), hot_share=hot_share)
+@pytest.mark.parametrize("adaptive,min_spread,max_spread", [(True, 6, 8), (False, 1, 2)])
+def test_dualmap_adaptive_key_skips_a_hot_shared_prefix(adaptive, min_spread, max_spread):
+    """Every request starts with the same system-prompt block 0. Its share (100%) exceeds 2/n, so
+    the hotness tree lengthens the key past it and conversations spread; keyed on block 0 alone
+    they crowd onto two instances."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), adaptive_key=adaptive)
     used = {policy.select(req(f"c{i}", (0, 1000 + i, 2000 + i)), snaps()).instance for i in range(200)}
     assert min_spread <= len(used) <= max_spread
+    assert (0 in policy.hotness.expanded) == adaptive or not adaptive
 
 
-def test_dualmap_spreads_a_prefix_that_is_hot_at_every_key_depth():
-    """A popular 8-block prefix: once hot at every depth the key may use, requests key on their
-    whole prompt and spread, instead of crowding the prefix's two candidates."""
-    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), max_key_blocks=8)
-    group = tuple(range(500, 508))
-    used = [policy.select(req(f"g{i}", group + (9000 + i,)), snaps()).instance for i in range(200)]
-    assert len(set(used[:8])) <= 2 and len(set(used[20:])) >= 6
+def test_hotness_tree_expands_above_two_over_n_and_contracts_below_one_over_n():
+    tree, n = HotnessTree(window=100, max_depth=4, min_count=1), 8
+    record = lambda paths: [tree.record(p, 2 / n, 1 / n) for p in paths]  # noqa: E731
+    record([(1000 + i, 1) for i in range(70)] + [(7, 100 + i) for i in range(30)])  # 30% under 7 > 2/8
+    assert 7 in tree.expanded and tree.depth((7, 123, 5)) == 2
+    record([(2000 + i, 1) for i in range(85)])  # 7's oldest leave the window: 15%, inside the hysteresis
+    assert 7 in tree.expanded and tree.share(7) == pytest.approx(0.15)
+    record([(3000 + i, 1) for i in range(5)])   # 10% < 1/8: contracted
+    assert 7 not in tree.expanded and tree.depth((7, 123, 5)) == 1
 
 
-@pytest.mark.parametrize("hot_factor,expect_moves", [(1.5, True), (1e9, False)])
-def test_dualmap_rebalances_queued_requests_to_their_alternate(hot_factor, expect_moves):
-    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR), hot_factor=hot_factor)
-    queued: dict[str, list[RouteRequest]] = {n: [] for n in NAMES}
-    for i in range(40):  # one hot prefix: every request has the same key and pair
-        r = req(f"hot{i}", (7,), tokens=1000)
-        queued[policy.select(r, snaps()).instance].append(r)
-    hot = max(queued, key=lambda n: len(queued[n]))
-    pending = {n: sum(r.num_tokens for r in q) for n, q in queued.items()}
-    moves = policy.rebalance(queued, pending)
-    assert bool(moves) == expect_moves
-    for rid, target in moves:
-        assert target != hot and target in policy.candidates(next(r for r in queued[hot] if r.request_id == rid), NAMES)
+def test_dualmap_keeps_a_growing_conversation_on_one_key():
+    """The key never becomes the whole prompt: turns of a conversation under a hot system prompt
+    keep the key of their first own block, whatever their length."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR))
+    for i in range(100):
+        policy.select(req(f"warm{i}", (0, 5000 + i)), snaps())
+    turns = [req(f"t{k}", (0, 42) + tuple(range(100, 100 + k))) for k in range(1, 12)]
+    assert len({policy.key(t) for t in turns}) == 1
+
+
+@pytest.mark.parametrize("queue_estimate,expected", [(True, "slo_switch"), (False, "affinity")])
+def test_dualmap_prices_the_queue_by_each_queued_request(queue_estimate, expected):
+    """A 7k-token request behind one 85k-token prompt on a superlinear profile. Priced per queued
+    request the wait is the big prompt's own 8.1 s, past the 5 s SLO; priced at the arriving
+    request's per-token cost it looks like 1.4 s and the switch is blind."""
+    model = LatencyModel(prefill=(0.0, 1e-5, 1e-9), decode=(0.01, 0.0, 0.0), origin="superlinear")
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=model, block_size=512), queue_estimate=queue_estimate)
+    conv = req("turn1", (0, 77), tokens=7000, ttft_slo_ms=5000)
+    affine = policy.select(conv, snaps()).instance
+    a, b = policy.candidates(conv, NAMES)
+    other = b if affine == a else a
+    big = 85_000
+    loaded = [LoadSnapshot(n, pending_prefill_tokens=big if n == affine else 0,
+                           queued_prefill_s=model.prefill_s(big) if n == affine else 0.0) for n in NAMES]
+    choice = policy.select(req("turn2", (0, 77, 78), tokens=7000, ttft_slo_ms=5000), loaded)
+    assert (choice.reason, choice.instance) == (expected, other if queue_estimate else affine)
+
+
+def _queues(policy, requests, names=NAMES, busy=0.0, waited=0.0):
+    """Route ``requests`` on an idle pool and return each instance's router-side queue."""
+    placed: dict[str, list] = {n: [] for n in names}
+    for r in requests:
+        choice = policy.select(r, snaps({}, names))
+        prefill_s = LINEAR.prefill_s(r.num_tokens - choice.cached_tokens, choice.cached_tokens)
+        placed[choice.instance].append(QueuedRequest(r, prefill_s, waited))
+    return {n: InstanceQueue(n, busy, tuple(items)) for n, items in placed.items()}
+
+
+@pytest.mark.parametrize("slo_ms,expect_moves", [(6000, 4), (60_000, 0)])
+def test_dualmap_rebalances_only_a_queue_that_violates_the_slo(slo_ms, expect_moves):
+    """One hot conversation queues 10 prefills (1 s, then 0.936 s each with its 64 cached tokens) on
+    one instance: 9.4 s. With a 6 s SLO the queue violates it, and the last-queued requests (largest
+    gain first) move to their other candidate until the source meets the SLO: 4 moves, 5.7 s left,
+    4 s on the target. With 60 s nothing moves, however uneven."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), adaptive_key=False)
+    burst = [req(f"hot{i}", (7, 8, 900 + i), tokens=1000, ttft_slo_ms=slo_ms) for i in range(10)]
+    queues = _queues(policy, burst)
+    source = max(queues, key=lambda n: len(queues[n].items))
+    moves = policy.rebalance(list(queues.values()))
+    pair = policy.candidates(burst[0], NAMES)
+    assert len(moves) == expect_moves and all(m.target in pair and m.target != source for m in moves)
+    assert [m.request_id for m in moves] == [f"hot{i}" for i in range(9, 9 - expect_moves, -1)]
+    kept = [q for q in queues[source].items if q.request.request_id not in {m.request_id for m in moves}]
     if expect_moves:
-        after = dict(pending)
-        for rid, target in moves:
-            after[hot] -= 1000
-            after[target] += 1000
-        assert max(after.values()) < max(pending.values())
+        assert sum(q.prefill_s for q in kept) == pytest.approx(1.0 + 5 * 0.936)   # the source meets the SLO
+        assert sum(m.prefill_s for m in moves) == pytest.approx(4.0)    # and the target still does (priced
+        # before any move, as one round: nothing cached there yet)
+
+
+@pytest.mark.parametrize("follow_moves", [True, False])
+def test_dualmap_cache_view_follows_a_moved_request(follow_moves):
+    """After a move, that conversation's next turn is steered to where its blocks now are; without
+    the follow, the stale view sends it back to the source."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), adaptive_key=False,
+                           follow_moves=follow_moves)
+    burst = [req(f"conv{i}", (7, 8, 900 + i, 950 + i), tokens=1000, ttft_slo_ms=6000) for i in range(10)]
+    queues = _queues(policy, burst)
+    source = max(queues, key=lambda n: len(queues[n].items))
+    moves = policy.rebalance(list(queues.values()))
+    moved = next(m for m in moves)
+    i = int(moved.request_id[4:])
+    nxt = policy.select(req("next", (7, 8, 900 + i, 950 + i, 999), tokens=1100, ttft_slo_ms=6000), snaps())
+    assert nxt.instance == (moved.target if follow_moves else source)
 
 
 def test_dual_ring_scaling_moves_about_one_nth_of_keys():

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.sim.traces import TraceRequest
 from pdserve.types import LoadSnapshot
 from router.latency import LatencyModel
-from router.policies import PolicyContext, RouteRequest, make_policy
+from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
 
 ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE = range(5)
 
@@ -48,7 +48,19 @@ class SimConfig:
     """KV capacity of one decode instance, tokens (1 GiB on CPU)."""
     rebalance_interval_s: float = 1.0
     """How often policies with ``rebalance`` are consulted."""
+    warmup: int = 0
+    """Leading requests excluded from attainment (they run, warming caches, but are not scored)."""
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A request waiting at a prefill instance, with the router's estimates for it there."""
+
+    i: int
+    route: RouteRequest
+    predicted_s: float
+    uncached: int
 
 
 @dataclass
@@ -56,9 +68,19 @@ class _Prefill:
     name: str
     cache: OrderedDict = field(default_factory=OrderedDict)
     queue: deque = field(default_factory=deque)
+    """``_Queued`` requests in service order."""
+    busy_until: float = 0.0
+    """When the running prefill is predicted to end (the router's estimate, not the real end)."""
     busy: bool = False
+    running_uncached: int = 0
     pending_tokens: int = 0
+    queued_s: float = 0.0
     busy_s: float = 0.0
+
+    def snapshot(self, t: float) -> LoadSnapshot:
+        return LoadSnapshot(self.name, waiting=len(self.queue), running=int(self.busy),
+                            pending_prefill_tokens=self.pending_tokens,
+                            queued_prefill_s=self.queued_s + max(0.0, self.busy_until - t))
 
 
 @dataclass
@@ -80,11 +102,13 @@ class RunResult:
     busy_s: list[float]
     decisions: Counter
     ttft_slo_s: float
+    warmup: int = 0
 
     @property
     def attainment(self) -> float:
-        """Share of requests whose TTFT met the SLO."""
-        return sum(t <= self.ttft_slo_s for t in self.ttft_s) / max(len(self.ttft_s), 1)
+        """Share of the scored requests (after the warm-up) whose TTFT met the SLO."""
+        scored = self.ttft_s[self.warmup:]
+        return sum(t <= self.ttft_slo_s for t in scored) / max(len(scored), 1)
 
     @property
     def hit_ratio(self) -> float:
@@ -126,7 +150,7 @@ class ClusterSim:
             self._push(self.cfg.rebalance_interval_s, REBALANCE, 0)
         self._loop()
         return RunResult(scale, self._ttft, self._tpot, self._cached, self._input,
-                         [p.busy_s for p in self._prefills], self._decisions, self.cfg.ttft_slo_s)
+                         [p.busy_s for p in self._prefills], self._decisions, self.cfg.ttft_slo_s, self.cfg.warmup)
 
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
         self._seq += 1
@@ -142,24 +166,30 @@ class ClusterSim:
     # ---- prefill -----------------------------------------------------------------------------
     def _arrive(self, t: float, i: int, _: int) -> None:
         r = self._requests[i]
-        route = RouteRequest(str(i), r.hashes, r.input_len, r.output_len, self.cfg.ttft_slo_s * 1e3)
-        snaps = [LoadSnapshot(p.name, waiting=len(p.queue), running=int(p.busy), pending_prefill_tokens=p.pending_tokens)
-                 for p in self._prefills]
-        choice = self._p_policy.select(route, snaps)
+        hashes = r.hashes if self._p_policy.uses_prefix else ()
+        route = RouteRequest(str(i), hashes, r.input_len, r.output_len, self.cfg.ttft_slo_s * 1e3)
+        choice = self._p_policy.select(route, [p.snapshot(t) for p in self._prefills])
         self._decisions[choice.reason] += 1
-        self._enqueue(t, int(choice.instance.split("-")[1]), i, route)
+        uncached = r.input_len - min(choice.cached_tokens, r.input_len - 1)
+        predicted = self.latency.prefill_s(uncached, r.input_len - uncached)
+        self._enqueue(t, _index(choice.instance), _Queued(i, route, predicted, uncached))
 
-    def _enqueue(self, t: float, p_idx: int, i: int, route: RouteRequest) -> None:
+    def _enqueue(self, t: float, p_idx: int, q: _Queued) -> None:
+        """Queue a request on prefill ``p_idx`` with the router's estimates of its prefill there
+        (what the load snapshots of later decisions add up)."""
         p = self._prefills[p_idx]
-        p.queue.append((i, route))
-        p.pending_tokens += route.num_tokens
+        p.queue.append(q)
+        p.pending_tokens += q.uncached
+        p.queued_s += q.predicted_s
         if not p.busy:
             self._start(t, p_idx)
 
     def _start(self, t: float, p_idx: int) -> None:
         p = self._prefills[p_idx]
-        i, _ = p.queue.popleft()
-        r = self._requests[i]
+        q = p.queue.popleft()
+        p.queued_s -= q.predicted_s
+        p.pending_tokens -= q.uncached
+        i, r = q.i, self._requests[q.i]
         hit = 0
         for h in r.hashes:
             if h not in p.cache:
@@ -170,7 +200,9 @@ class ClusterSim:
         duration = self.latency.prefill_s(r.input_len - cached, cached)
         self._cached += cached
         self._input += r.input_len
-        p.busy, p.busy_s = True, p.busy_s + duration
+        p.busy, p.busy_until, p.busy_s = True, t + q.predicted_s, p.busy_s + duration
+        p.running_uncached = r.input_len - cached
+        p.pending_tokens += p.running_uncached
         self._push(t + duration, PREFILL_DONE, p_idx, i)
 
     def _prefill_done(self, t: float, p_idx: int, i: int) -> None:
@@ -181,8 +213,8 @@ class ClusterSim:
         while len(p.cache) > self.cfg.cache_blocks:
             p.cache.popitem(last=False)
         self._ttft[i] = t - self._arrivals[i]
-        p.busy = False
-        p.pending_tokens -= r.input_len
+        p.busy, p.busy_until = False, t
+        p.pending_tokens -= p.running_uncached
         self._push(t + r.input_len * self.cfg.kv_bytes_per_token / self.cfg.kv_bandwidth_bps, DECODE_START, i)
         if p.queue:
             self._start(t, p_idx)
@@ -193,7 +225,7 @@ class ClusterSim:
         snaps = [LoadSnapshot(d.name, running=d.active, kv_cache_usage=min(1.0, d.tokens / self.cfg.decode_kv_tokens))
                  for d in self._decodes]
         route = RouteRequest(str(i), (), r.input_len, r.output_len, tpot_slo_ms=self.cfg.tpot_slo_s * 1e3)
-        d_idx = int(self._d_policy.select(route, snaps).instance.split("-")[1])
+        d_idx = _index(self._d_policy.select(route, snaps).instance)
         d = self._decodes[d_idx]
         d.active += 1
         d.tokens += r.input_len + r.output_len
@@ -209,20 +241,26 @@ class ClusterSim:
 
     # ---- rebalancing -------------------------------------------------------------------------
     def _rebalance(self, t: float, _: int, __: int) -> None:
-        if any(len(p.queue) > 1 for p in self._prefills):  # nothing to move otherwise
-            queued = {p.name: [route for _, route in p.queue] for p in self._prefills}
-            pending = {p.name: p.pending_tokens for p in self._prefills}
-            for rid, target in self._p_policy.rebalance(queued, pending):
-                self._move(t, int(rid), int(target.split("-")[1]))
+        if any(p.queue for p in self._prefills):  # nothing to move otherwise
+            queues = [InstanceQueue(p.name, max(0.0, p.busy_until - t),
+                                    tuple(QueuedRequest(q.route, q.predicted_s, t - self._arrivals[q.i]) for q in p.queue))
+                      for p in self._prefills]
+            for move in self._p_policy.rebalance(queues):
+                self._move(t, int(move.request_id), _index(move.target), move.prefill_s)
         if len(self._events) > 0:
             self._push(t + self.cfg.rebalance_interval_s, REBALANCE, 0)
 
-    def _move(self, t: float, i: int, target: int) -> None:
+    def _move(self, t: float, i: int, target: int, predicted_s: float) -> None:
         for p in self._prefills:
-            found = next((entry for entry in p.queue if entry[0] == i), None)
+            found = next((q for q in p.queue if q.i == i), None)
             if found is not None:
                 p.queue.remove(found)
-                p.pending_tokens -= found[1].num_tokens
+                p.pending_tokens -= found.uncached
+                p.queued_s -= found.predicted_s
                 self._decisions["rebalance"] += 1
-                self._enqueue(t, target, i, found[1])
+                self._enqueue(t, target, replace(found, predicted_s=predicted_s))
                 return
+
+
+def _index(instance: str) -> int:
+    return int(instance.rsplit("-", 1)[1])

@@ -67,35 +67,51 @@ def summarize(result: RunResult, base_rate: float) -> dict:
     }
 
 
+ABLATIONS = {"dualmap": {}, "no adaptive key": {"adaptive_key": False}, "no SLO-aware choice": {"slo_aware": False},
+             "old TTFT estimate": {"queue_estimate": False}, "no rebalancing": {"rebalance_on": False},
+             "cache view not moved": {"follow_moves": False}}
+"""DualMap with each mechanism off in turn (keyword parameters of ``DualMapPolicy``)."""
+CANDIDATE = "dualmap"
+"""The policy the study measures against the baselines (every other policy)."""
+
+
 def run_study(name: str, requests: list[TraceRequest], cfg: SimConfig, latency: LatencyModel,
-              policies: list[str], out: Path, params: dict[str, dict] | None = None) -> dict:
-    """Search every policy's capacity, compare at the best baseline's capacity, write the files.
-    ``params`` maps a policy name to keyword parameters of its class."""
-    params = params or {}
-    span = requests[-1].arrival_s - requests[0].arrival_s
-    base_rate = len(requests) / span
+              policies: list[str], out: Path, params: dict[str, dict] | None = None,
+              fixed_rates: tuple[float, ...] = (), ablation: bool = False) -> dict:
+    """Search every policy's goodput (capacity), compare at the best baseline's, report attainment at
+    ``fixed_rates`` (multiples of the best baseline's goodput) and, with ``ablation``, DualMap with
+    each mechanism off; write results.json, table.md and the plots to ``out``. ``params`` maps a
+    policy name to keyword parameters of its class."""
+    params, started = params or {}, time.perf_counter()
+    base_rate = len(requests) / (requests[-1].arrival_s - requests[0].arrival_s)
     mean_prefill = statistics.fmean(latency.prefill_s(r.input_len) for r in requests)
     guess = min(1.0, cfg.prefill / mean_prefill / base_rate)
-    started = time.perf_counter()
+
+    def sim(policy: str, extra: dict | None = None) -> ClusterSim:
+        return ClusterSim(cfg, latency, policy, policy_params={**params.get(policy, {}), **(extra or {})})
+
     caps, curves = {}, {}
     for policy in policies:
-        caps[policy], curves[policy] = capacity(ClusterSim(cfg, latency, policy, policy_params=params.get(policy)),
-                                                requests, guess)
-    baselines = [p for p in policies if p != "dualmap"]
+        caps[policy], curves[policy] = capacity(sim(policy), requests, guess)
+    baselines = [p for p in policies if p != CANDIDATE]
     best = max(baselines, key=caps.get) if baselines else policies[0]
     reference = caps[best] or guess
-    at_ref = {p: summarize(ClusterSim(cfg, latency, p, policy_params=params.get(p)).run(requests, reference), base_rate)
-              for p in policies}
+    at_ref = {p: summarize(sim(p).run(requests, reference), base_rate) for p in policies}
+    at_rates = {f"{m:g}x": {p: sim(p).run(requests, m * reference).attainment for p in policies} for m in fixed_rates}
     results = {
-        "workload": name, "requests": len(requests), "policy_params": params, "trace_rate_rps": base_rate, "config": asdict(cfg),
-        "latency_model": latency.to_dict(), "target_attainment": TARGET,
-        "capacity_rps": {p: caps[p] * base_rate for p in policies},
-        "capacity_scale": caps, "best_baseline": best, "reference_rate_rps": reference * base_rate,
-        "at_reference_rate": at_ref, "curves": {p: [(s * base_rate, a) for s, a in pts] for p, pts in curves.items()},
-        "dualmap_capacity_ratio": {p: (caps["dualmap"] / caps[p] if caps.get(p) else None)
-                                   for p in baselines} if "dualmap" in caps else {},
-        "seconds": time.perf_counter() - started,
+        "workload": name, "requests": len(requests), "policy_params": params, "trace_rate_rps": base_rate,
+        "config": asdict(cfg), "latency_model": latency.to_dict(), "target_attainment": TARGET,
+        "capacity_rps": {p: caps[p] * base_rate for p in policies}, "capacity_scale": caps,
+        "best_baseline": best, "reference_rate_rps": reference * base_rate, "at_reference_rate": at_ref,
+        "attainment_at_rates": at_rates,
+        "curves": {p: [(s * base_rate, a) for s, a in pts] for p, pts in curves.items()},
+        "dualmap_capacity_ratio": {p: (caps[CANDIDATE] / caps[p] if caps.get(p) else None)
+                                   for p in baselines} if CANDIDATE in caps else {},
     }
+    if ablation:
+        results["ablation_rps"] = {label: capacity(sim(CANDIDATE, extra), requests, guess)[0] * base_rate
+                                   for label, extra in ABLATIONS.items()}
+    results["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(results) + "\n")
@@ -114,7 +130,32 @@ def markdown_table(results: dict) -> str:
         rows.append(f"| {p} | {cap:.4f} | {f'{ratio:.2f}x' if ratio else '-'} | {t['p50']:.1f} / {t['p90']:.1f} / "
                     f"{t['p99']:.1f} | {1e3 * d['p50']:.0f} / {1e3 * d['p99']:.0f} | {m['slo_attainment']:.1%} | "
                     f"{m['prefix_hit_ratio']:.1%} | {m['imbalance_cv']:.3f} |")
-    return "\n".join([head, *rows])
+    return "\n".join([head, *rows, *_rates_table(results), *_ablation_table(results)])
+
+
+def _rates_table(results: dict) -> list[str]:
+    """Attainment of every policy at fixed multiples of the best baseline's goodput."""
+    rates = results.get("attainment_at_rates") or {}
+    if not rates:
+        return []
+    policies = sorted(results["capacity_rps"], key=lambda p: -results["capacity_rps"][p])
+    ref = results["reference_rate_rps"]
+    head = [f"\nAttainment at fixed rates (multiples of {results['best_baseline']}'s goodput, {ref:.4f} req/s):\n",
+            "| policy | " + " | ".join(f"{m} ({float(m[:-1]) * ref:.3f} req/s)" for m in rates) + " |",
+            "|---|" + "---:|" * len(rates)]
+    return head + [f"| {p} | " + " | ".join(f"{rates[m][p]:.1%}" for m in rates) + " |" for p in policies]
+
+
+def _ablation_table(results: dict) -> list[str]:
+    """DualMap's goodput with each mechanism off, against the full policy."""
+    ablation = results.get("ablation_rps")
+    if not ablation:
+        return []
+    full = ablation["dualmap"]
+    rows = [f"| {label} | {rps:.4f} | {rps / full:.2f}x |" if full else f"| {label} | {rps:.4f} | - |"
+            for label, rps in ablation.items()]
+    return ["\nAblation (DualMap's goodput with one mechanism off):\n", "| variant | goodput (req/s) | vs. full |",
+            "|---|---:|---:|", *rows]
 
 
 def plot(results: dict, out: Path) -> None:

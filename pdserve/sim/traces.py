@@ -27,6 +27,13 @@ class TraceRequest:
     """Prefix block hashes (equal leading hashes = shared prefix), ``block_size`` tokens each."""
 
 
+def truncate(r: TraceRequest, max_tokens: int, block_size: int = MOONCAKE_BLOCK) -> TraceRequest:
+    """``r`` with its prompt cut to ``max_tokens`` tokens (and its block hashes to match)."""
+    if r.input_len <= max_tokens:
+        return r
+    return TraceRequest(r.arrival_s, max_tokens, r.output_len, r.hashes[:math.ceil(max_tokens / block_size)])
+
+
 def load_mooncake(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
     """Mooncake FAST'25 JSONL (timestamp ms, input_length, output_length, hash_ids of 512-token
     blocks). Timestamps are quantized to ~3 s ticks; each tick's batch is spread evenly over it."""

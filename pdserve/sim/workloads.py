@@ -1,6 +1,7 @@
 """Named workloads for ``pdserve simulate`` and the SLO rule used with them."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pdserve.sim import traces
@@ -22,6 +23,18 @@ def load(name: str, path: str | None, limit: int | None, requests: int, rate: fl
     if not file.is_file():
         raise FileNotFoundError(f"trace {file} not found (pass --path)")
     return traces.load_mooncake(file, limit) if name == "mooncake" else traces.load_azure(file, limit)
+
+
+def from_setup(setup) -> list[traces.TraceRequest]:
+    """The workload slice a ``SimSetup`` names: ``offset`` and ``limit`` applied, arrivals rebased to
+    start at 0, prompts truncated to ``max_input_tokens``."""
+    limit = setup.offset + setup.limit if setup.limit else None
+    requests = load(setup.trace, None, limit, setup.requests, setup.rate, setup.seed)[setup.offset:]
+    start = requests[0].arrival_s
+    requests = [replace(r, arrival_s=r.arrival_s - start) for r in requests]
+    if setup.max_input_tokens:
+        requests = [traces.truncate(r, setup.max_input_tokens) for r in requests]
+    return requests
 
 
 def p95_isolated_prefill_s(requests: list[traces.TraceRequest], latency: LatencyModel) -> float:

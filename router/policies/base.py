@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
+import xxhash
+
 from pdserve.types import LoadSnapshot
+
+ROUTER_BLOCK_TOKENS = 512
+"""Tokens per router block hash by default: independent of the engine's KV block size, long enough
+that a block is a meaningful prefix unit (DualMap's and Mooncake's 512)."""
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,8 @@ class RouteRequest:
 
     request_id: str
     block_hashes: tuple[int, ...]
-    """Chained hashes of the prompt's full blocks: equal leading hashes mean an equal prefix."""
+    """Chained hashes of the prompt's full router blocks (``PolicyContext.block_size`` tokens
+    each): equal leading hashes mean an equal prefix. Empty when the policy does not use them."""
     num_tokens: int
     """Prompt tokens."""
     max_tokens: int = 0
@@ -32,10 +40,10 @@ class RouteRequest:
 class PolicyContext:
     """What every policy may be built with (the deployment's constants, not live state)."""
 
-    block_size: int = 32
+    block_size: int = ROUTER_BLOCK_TOKENS
     """Tokens per block hash in ``RouteRequest.block_hashes``."""
     cache_blocks: int = 1024
-    """Prefix-cache capacity of one instance, in blocks (for approximate cache views)."""
+    """Prefix-cache capacity of one instance, in those blocks (for approximate cache views)."""
     latency: object | None = None
     """A ``router.latency.LatencyModel`` for TTFT/TPOT predictions, or None (tokens as cost)."""
     ttft_slo_ms: float = 0.0
@@ -52,29 +60,73 @@ class Choice:
     instance: str
     reason: str
     predicted_ttft_s: float | None = None
-    """The policy's TTFT prediction for the chosen instance, where it makes one (dualmap)."""
+    """The policy's TTFT prediction for the chosen instance, where it makes one."""
+    cached_tokens: int = 0
+    """The policy's estimate of the prompt tokens the chosen instance has cached (0: unknown)."""
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """A request waiting in the router for its prefill instance (not started), with its predicted
+    prefill seconds there."""
+
+    request: RouteRequest
+    prefill_s: float
+    waited_s: float = 0.0
+    """Seconds since the request arrived (its TTFT so far)."""
+
+
+@dataclass(frozen=True)
+class InstanceQueue:
+    """One prefill instance's work as the router sees it: the predicted seconds still to run of what
+    the engine already has (``busy_s``), then the router-side queue in service order."""
+
+    instance: str
+    busy_s: float
+    items: tuple[QueuedRequest, ...] = ()
+
+    def wait_s(self) -> float:
+        """Predicted time until everything queued here has been prefilled."""
+        return self.busy_s + sum(q.prefill_s for q in self.items)
+
+
+@dataclass(frozen=True)
+class Move:
+    """A rebalancing decision: run queued request ``request_id`` on ``target`` instead, where its
+    predicted prefill takes ``prefill_s``."""
+
+    request_id: str
+    target: str
+    prefill_s: float
 
 
 class Policy(Protocol):
     """Chooses one of ``candidates`` (never empty, all alive) for ``request``."""
 
     name: str
+    uses_prefix: bool
+    """Whether the policy reads ``RouteRequest.block_hashes`` (the router hashes only for those)."""
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         """Return the chosen candidate's instance name and the reason."""
         ...
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
-    """Chained hashes of the full ``block_size``-token blocks of a prompt (an engine-style prefix
-    key: block i's hash depends on every token before its end). Deterministic across processes."""
-    out, prev = [], 0
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        prev = hash((prev, tuple(token_ids[start:start + block_size])))
+def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int) -> tuple[int, ...]:
+    """Chained 64-bit hashes of the full ``block_size``-token blocks of a prompt: block i's hash is
+    xxh3 of its tokens (int32 bytes) seeded with block i-1's, so it identifies the whole prefix.
+    Deterministic across processes; one C call per block over a contiguous int32 buffer."""
+    ids = np.ascontiguousarray(token_ids, dtype=np.int32)
+    full = len(ids) // block_size
+    if not full:
+        return ()
+    data, step, prev, out = memoryview(ids[:full * block_size]).cast("B"), block_size * 4, 0, []
+    for start in range(0, full * step, step):
+        prev = xxhash.xxh3_64_intdigest(data[start:start + step], prev)
         out.append(prev)
     return tuple(out)
 
 
 def load_key(s: LoadSnapshot) -> tuple[float, ...]:
     """How loaded a prefill candidate is: queued prefill work first, then requests."""
-    return (s.pending_prefill_tokens, s.waiting + s.running, s.instance)
+    return (s.queued_prefill_s, s.pending_prefill_tokens, s.waiting + s.running, s.instance)

@@ -21,6 +21,7 @@ class CacheAwarePolicy:
     """Approximate prefix tree per instance, switching to least-loaded above an imbalance."""
 
     name = "cache_aware"
+    uses_prefix = True
 
     def __init__(self, ctx: PolicyContext = PolicyContext(), match_threshold: float = 0.5,
                  balance_abs_tokens: int = 131_072, balance_rel: float = 1.5) -> None:

@@ -25,6 +25,7 @@ class ConsistentHashPolicy:
     """Ring with virtual nodes over the live candidates."""
 
     name = "consistent_hash"
+    uses_prefix = True
 
     def __init__(self, ctx: PolicyContext = PolicyContext(), prefix_blocks: int = 2, vnodes: int = 64) -> None:
         self.prefix_blocks = prefix_blocks

@@ -14,6 +14,7 @@ class DecodePowerOfTwoPolicy:
     """Power of two on decode load, with a TPOT check."""
 
     name = "decode_p2c"
+    uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         self.ctx = ctx

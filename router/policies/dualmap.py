@@ -1,52 +1,56 @@
-"""``dualmap``: cache affinity and load balance together (DualMap, ICLR'26).
+"""``dualmap``: cache affinity and load balance together (DualMap, ICLR'26), as published.
 
-1. **Prefix key, adaptive length**: the chained hash of the first L blocks, where L is the first
-   depth whose prefix is *not hot* (seen by at least ``min_hot_count`` and more than ``hot_share``
-   of the last ``window`` requests), looked for up to ``max_key_blocks``. A system prompt shared by
-   everyone is skipped (keying on it would send all traffic to two instances), while the turns of
-   one conversation keep the same key (its first non-hot prefix does not change as it grows). If
-   every depth up to the limit is hot, the key is the whole prompt: a hot prefix is then served
-   (and cached) by many instances instead of crowding two.
-2. **Two candidates** from two independent hash rings with virtual nodes (seeds 1 and 2); the
-   second ring skips the first's pick, so the two always differ when two instances are live.
-3. **SLO-aware choice**: the candidate holding the longer cached prefix (per an approximate view
-   of each instance's cache) is preferred; if its predicted TTFT (queued prefill + this request's
-   uncached prefill, from the latency model) exceeds the TTFT SLO and the other's is lower, the
-   other is taken (``slo_switch``). With equal affinity, the lower predicted TTFT wins (``load``):
-   power of two choices.
-4. **Hotspot-aware rebalancing** (``rebalance``): queued, not-yet-started requests of an instance
-   loaded above ``hot_factor`` x the mean move to their alternate candidate when that lowers the
-   pair's maximum. Moves stay within each request's two candidates (selective, non-recursive).
-5. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
+1. **Adaptive prefix key** (``adaptive_key``): a hotness tree over router blocks
+   (``hotness.HotnessTree``). A prefix whose traffic share exceeds 2/n (n instances) lengthens the
+   key of the requests under it; below 1/n it shortens again. Off: the key is the first block.
+2. **Two candidates** from two independent hash rings with virtual nodes; if both hashes land on one
+   instance, the second candidate is that instance's neighbour on the second ring.
+3. **SLO-aware choice** (``slo_aware``): the candidate holding the longer cached prefix (per an
+   approximate view of each instance's cache) is preferred, unless its predicted TTFT exceeds the
+   TTFT SLO, then the other (``slo_switch``). Equal reuse: the lower predicted TTFT (``load``).
+4. **TTFT estimate** (``queue_estimate``): an instance's wait is the sum of the predicted prefill
+   seconds of each request queued there, each priced at its own length and cached prefix
+   (``LoadSnapshot.queued_prefill_s``), plus this request's own uncached prefill. ``legacy`` prices
+   the queued uncached tokens at the arriving request's per-token cost (the old estimate).
+5. **Hotspot-aware rebalancing** (``rebalance_on``, paper §3.3): an instance whose queue violates the
+   TTFT SLO moves queued, not-started requests to their other candidate when the predicted TTFT gain
+   is positive and the target still meets the SLO; largest gain first, one round, until the source
+   meets the SLO. With ``follow_moves`` the cache view follows each move.
+6. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
    the keys of its ring segments.
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
-from typing import Mapping, Sequence
+from collections import OrderedDict
+from typing import Callable, Sequence
 
 from pdserve.types import LoadSnapshot
-from router.policies.base import Choice, PolicyContext, RouteRequest
+from router.policies.base import Choice, InstanceQueue, Move, PolicyContext, RouteRequest
 from router.policies.hashring import HashRing, stable_hash
+from router.policies.hotness import HotnessTree
 from router.policies.prefix_index import PrefixIndexes
+
+_REMEMBERED = 100_000
+"""Routed requests whose candidates and placement are kept (for rebalancing)."""
 
 
 class DualMapPolicy:
     """See the module docstring; parameters are documented in docs/routing.md."""
 
     name = "dualmap"
+    uses_prefix = True
 
-    def __init__(self, ctx: PolicyContext = PolicyContext(), vnodes: int = 64, max_key_blocks: int = 8,
-                 hot_share: float = 0.05, min_hot_count: int = 8, window: int = 2000, hot_factor: float = 1.5,
-                 slo_aware: bool = True) -> None:
-        self.ctx, self.max_key_blocks, self.hot_share, self.slo_aware = ctx, max_key_blocks, hot_share, slo_aware
-        self.min_hot_count = min_hot_count
-        self.hot_factor = hot_factor
+    def __init__(self, ctx: PolicyContext = PolicyContext(), vnodes: int = 64, max_key_blocks: int = 16,
+                 window: int = 2000, min_hot_count: int = 8, adaptive_key: bool = True, slo_aware: bool = True,
+                 queue_estimate: bool = True, rebalance_on: bool = True, follow_moves: bool = True,
+                 expand_share_n: float = 2.0, contract_share_n: float = 1.0) -> None:
+        self.ctx, self.slo_aware, self.queue_estimate = ctx, slo_aware, queue_estimate
+        self.expand_share_n, self.contract_share_n = expand_share_n, contract_share_n
+        self.adaptive_key, self.rebalance_on, self.follow_moves = adaptive_key, rebalance_on, follow_moves
         self.rings = (HashRing(vnodes=vnodes, seed=ctx.seed + 1), HashRing(vnodes=vnodes, seed=ctx.seed + 2))
         self.indexes = PrefixIndexes(ctx.cache_blocks)
-        self._window: deque[tuple[int, ...]] = deque(maxlen=window)
-        self._prefix_counts: Counter[int] = Counter()
-        self._pairs: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.hotness = HotnessTree(window, max_key_blocks, min_hot_count)
+        self._placed: OrderedDict[str, tuple[tuple[str, str], str, int]] = OrderedDict()
 
     # ---- the two candidates ------------------------------------------------------------------
     def key(self, request: RouteRequest) -> int:
@@ -54,13 +58,7 @@ class DualMapPolicy:
         hashes = request.block_hashes
         if not hashes:
             return stable_hash("no-full-block", request.request_id)
-        limit = min(len(hashes), self.max_key_blocks)
-        depth = next((d for d in range(1, limit + 1) if not self._hot(hashes[d - 1])), len(hashes))
-        return hashes[depth - 1]
-
-    def _hot(self, prefix: int) -> bool:
-        count = self._prefix_counts[prefix]
-        return count >= self.min_hot_count and count > self.hot_share * len(self._window)
+        return hashes[(self.hotness.depth(hashes) if self.adaptive_key else 1) - 1]
 
     def candidates(self, request: RouteRequest, names: Sequence[str]) -> tuple[str, str]:
         """The request's two candidate instances among ``names``."""
@@ -75,63 +73,112 @@ class DualMapPolicy:
         by_name = {c.instance: c for c in candidates}
         pair = self.candidates(request, sorted(by_name))
         choice = self._choose(request, by_name[pair[0]], by_name[pair[1]])
-        self._remember(request, pair, choice.instance)
+        self._remember(request, pair, choice.instance, len(by_name))
         return choice
 
     def _choose(self, request: RouteRequest, a: LoadSnapshot, b: LoadSnapshot) -> Choice:
         hit_a, hit_b = (self.indexes[c.instance].match(request.block_hashes) for c in (a, b))
         t_a, t_b = self.predicted_ttft_s(request, a, hit_a), self.predicted_ttft_s(request, b, hit_b)
         if hit_a == hit_b or a.instance == b.instance:
-            best, t_best = (a, t_a) if (t_a, a.instance) <= (t_b, b.instance) else (b, t_b)
-            return Choice(best.instance, "load", t_best)
-        (affine, t_aff), (other, t_other) = ((a, t_a), (b, t_b)) if hit_a > hit_b else ((b, t_b), (a, t_a))
-        slo_s = (request.ttft_slo_ms or self.ctx.ttft_slo_ms) / 1e3
-        if self.slo_aware and slo_s and t_aff > slo_s and t_other < t_aff:
-            return Choice(other.instance, "slo_switch", t_other)
-        return Choice(affine.instance, "affinity", t_aff)
+            best, t, hit = (a, t_a, hit_a) if (t_a, a.instance) <= (t_b, b.instance) else (b, t_b, hit_b)
+            return Choice(best.instance, "load", t, self._cached(request, hit))
+        (aff, t_aff, h_aff), (oth, t_oth, h_oth) = ((a, t_a, hit_a), (b, t_b, hit_b)) if hit_a > hit_b \
+            else ((b, t_b, hit_b), (a, t_a, hit_a))
+        slo_s = self._slo_s(request)
+        if self.slo_aware and slo_s and t_aff > slo_s and t_oth < t_aff:
+            return Choice(oth.instance, "slo_switch", t_oth, self._cached(request, h_oth))
+        return Choice(aff.instance, "affinity", t_aff, self._cached(request, h_aff))
 
     def predicted_ttft_s(self, request: RouteRequest, c: LoadSnapshot, hit_blocks: int) -> float:
-        """Queue wait plus this request's own prefill on ``c`` (token counts if no model).
-
-        The queue is other requests, each prefilled on its own: its wait is linear in the queued
-        tokens, at this request's per-token cost (the quadratic term applies per request, never to
-        the sum). The request's own prefill covers its uncached tokens after its cached prefix."""
-        cached = min(hit_blocks * self.ctx.block_size, request.num_tokens - 1)
-        uncached = max(1, request.num_tokens - cached)
+        """Queue wait on ``c`` plus this request's own uncached prefill after its cached prefix
+        (token counts if no latency model)."""
+        cached = self._cached(request, hit_blocks)
+        uncached = request.num_tokens - cached
         model = self.ctx.latency
         if model is None:
             return float(c.pending_prefill_tokens + uncached)
-        per_token = model.prefill_s(request.num_tokens) / max(request.num_tokens, 1)
-        return c.pending_prefill_tokens * per_token + model.prefill_s(uncached, cached)
+        if self.queue_estimate:
+            wait = c.queued_prefill_s
+        else:  # the old estimate: queued tokens at this request's own per-token cost
+            wait = c.pending_prefill_tokens * model.prefill_s(request.num_tokens) / max(request.num_tokens, 1)
+        return wait + model.prefill_s(uncached, cached)
 
-    def _remember(self, request: RouteRequest, pair: tuple[str, str], chosen: str) -> None:
-        if len(self._window) == self._window.maxlen:
-            for h in self._window[0]:
-                self._prefix_counts[h] -= 1
-        prefix = request.block_hashes[:self.max_key_blocks]
-        self._window.append(prefix)
-        self._prefix_counts.update(prefix)
-        self.indexes[chosen].insert(request.block_hashes)
-        self._pairs[request.request_id] = pair
-        if len(self._pairs) > 100_000:
-            self._pairs.popitem(last=False)
+    def prefill_s(self, request: RouteRequest, instance: str) -> float:
+        """Predicted prefill seconds of ``request`` on ``instance`` alone (its cached prefix there)."""
+        cached = self._cached(request, self.indexes[instance].match(request.block_hashes))
+        model = self.ctx.latency
+        return model.prefill_s(request.num_tokens - cached, cached) if model else float(request.num_tokens - cached)
 
+    def _cached(self, request: RouteRequest, hit_blocks: int) -> int:
+        return min(hit_blocks * self.ctx.block_size, max(request.num_tokens - 1, 0))
+
+    def _slo_s(self, request: RouteRequest) -> float:
+        return (request.ttft_slo_ms or self.ctx.ttft_slo_ms) / 1e3
+
+    def _remember(self, request: RouteRequest, pair: tuple[str, str], chosen: str, n: int) -> None:
+        if request.block_hashes:
+            self.hotness.record(request.block_hashes, self.expand_share_n / n, self.contract_share_n / n)
+        index = self.indexes[chosen]
+        self._placed[request.request_id] = (pair, chosen, index.match(request.block_hashes))
+        index.insert(request.block_hashes)
+        if len(self._placed) > _REMEMBERED:
+            self._placed.popitem(last=False)
 
     # ---- hotspot-aware rebalancing ------------------------------------------------------------
-    def rebalance(self, queued: Mapping[str, Sequence[RouteRequest]], pending: Mapping[str, float]) -> list[tuple[str, str]]:
-        """Moves ``(request_id, new_instance)`` for queued, not-started requests of overloaded
-        instances; ``pending`` is each instance's queued prefill tokens. Pure: the caller applies
-        the moves (the simulator does; see docs/routing.md for the live router)."""
-        load = dict(pending)
-        mean = sum(load.values()) / max(len(load), 1)
-        moves = []
-        for inst in sorted(load, key=load.get, reverse=True):
-            for req in reversed(list(queued.get(inst, ()))):
-                if load[inst] <= self.hot_factor * mean:
-                    break
-                alt = next((c for c in self._pairs.get(req.request_id, ()) if c != inst), None)
-                if alt is not None and alt in load and load[alt] + req.num_tokens < load[inst]:
-                    moves.append((req.request_id, alt))
-                    load[inst] -= req.num_tokens
-                    load[alt] += req.num_tokens
+    def rebalance(self, queues: Sequence[InstanceQueue]) -> list[Move]:
+        """Moves of queued, not-started requests away from instances
+        whose queue violates the TTFT SLO (module docstring, item 5). The caller must apply every
+        move; this policy's cache view and placements already follow them."""
+        if not self.rebalance_on:
+            return []
+        wait = {q.instance: q.wait_s() for q in queues}
+        moves: list[Move] = []
+        for q in sorted(queues, key=lambda q: -wait[q.instance]):
+            if _violations(q, self._slo_s):
+                moves += self._relieve(q, wait)
         return moves
+
+    def _relieve(self, q: InstanceQueue, wait: dict[str, float]) -> list[Move]:
+        """One round of moves off the violating queue ``q``, largest predicted gain first."""
+        options, done = [], q.busy_s
+        for item in q.items:
+            done += item.prefill_s
+            alt = self._alternate(item.request.request_id, q.instance)
+            if alt in wait:
+                there = self.prefill_s(item.request, alt)
+                options.append((done - (wait[alt] + there), item, alt, there))
+        moves, remaining = [], list(q.items)
+        for gain, item, alt, there in sorted(options, key=lambda o: -o[0]):
+            if gain <= 0 or not _violations(InstanceQueue(q.instance, q.busy_s, tuple(remaining)), self._slo_s):
+                break
+            slo_s = self._slo_s(item.request)
+            if slo_s and item.waited_s + wait[alt] + there > slo_s:
+                continue
+            remaining.remove(item)
+            wait[alt] += there
+            wait[q.instance] -= item.prefill_s
+            moves.append(Move(item.request.request_id, alt, there))
+            self._moved(item.request, q.instance, alt)
+        return moves
+
+    def _alternate(self, request_id: str, instance: str) -> str | None:
+        placed = self._placed.get(request_id)
+        return next((c for c in placed[0] if c != instance), None) if placed else None
+
+    def _moved(self, request: RouteRequest, source: str, target: str) -> None:
+        pair, _, first_new = self._placed[request.request_id]
+        self._placed[request.request_id] = (pair, target, self.indexes[target].match(request.block_hashes))
+        if self.follow_moves:
+            self.indexes[source].discard(request.block_hashes[first_new:])
+            self.indexes[target].insert(request.block_hashes)
+
+
+def _violations(q: InstanceQueue, slo_s: Callable[[RouteRequest], float]) -> bool:
+    """Whether any queued request of ``q`` is predicted to miss its TTFT SLO where it stands."""
+    done = q.busy_s
+    for item in q.items:
+        done += item.prefill_s
+        slo = slo_s(item.request)
+        if slo and item.waited_s + done > slo:
+            return True
+    return False

@@ -16,6 +16,7 @@ class KvCostPolicy:
     """Minimum of uncached tokens plus weighted load."""
 
     name = "kv_cost"
+    uses_prefix = True
 
     def __init__(self, ctx: PolicyContext = PolicyContext(), load_weight: float = 0.5) -> None:
         self.ctx, self.load_weight = ctx, load_weight

@@ -11,6 +11,7 @@ class LeastLoadedPolicy:
     """Global minimum of ``load_key``; ties go to the lower name."""
 
     name = "least_loaded"
+    uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         pass

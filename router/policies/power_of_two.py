@@ -12,6 +12,7 @@ class PowerOfTwoPolicy:
     """Samples two distinct candidates from a seeded generator."""
 
     name = "power_of_two"
+    uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         self._rng = random.Random(ctx.seed)

@@ -32,6 +32,11 @@ class PrefixIndex:
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
 
+    def discard(self, hashes: Sequence[int]) -> None:
+        """Forget these blocks (a request that placed them was moved elsewhere before it ran)."""
+        for h in hashes:
+            self._blocks.pop(h, None)
+
     def __len__(self) -> int:
         return len(self._blocks)
 

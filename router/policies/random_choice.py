@@ -12,6 +12,7 @@ class RandomPolicy:
     """Uniform over the candidates in name order, from a seeded generator."""
 
     name = "random"
+    uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         self._rng = random.Random(ctx.seed)

@@ -11,6 +11,7 @@ class RoundRobinPolicy:
     """Cycles through the candidates; a dead instance's turn passes to the next live one."""
 
     name = "round_robin"
+    uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         self._cursor = 0
