@@ -10,7 +10,7 @@ PORT ?= 50051
 TORCH_PIN_cpu := torch==2.13.0
 TORCH_PIN_gpu :=
 
-.PHONY: setup run test test-tools protos bench-routing
+.PHONY: setup run test test-tools protos bench-routing routing-study
 
 setup: $(STAMP)
 	@$(VENV)/bin/pdserve prepare-model >/dev/null
@@ -22,11 +22,16 @@ $(STAMP): pyproject.toml
 	if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton; fi
 	touch $@
 
+HTTP_PORT ?= 8000
+CURL := curl -s http://127.0.0.1:$(HTTP_PORT)/v1/chat/completions -H 'Content-Type: application/json' \
+	-d '{"model": "SmolLM2-135M-Instruct", "max_tokens": 32, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+
 run: setup
-	@set -u; $(VENV)/bin/pdserve serve --port $(PORT) & pid=$$!; \
+	@set -u; $(VENV)/bin/pdserve serve --config deploy/local.yaml --port $(PORT) --http-port $(HTTP_PORT) & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
 	$(VENV)/bin/pdserve health --target 127.0.0.1:$(PORT) --wait 600 && \
-	$(VENV)/bin/pdserve generate --target 127.0.0.1:$(PORT) --max-tokens 48 "What is the capital of France?"
+	$(VENV)/bin/pdserve generate --target 127.0.0.1:$(PORT) --max-tokens 48 "What is the capital of France?" && \
+	echo "The OpenAI-compatible API, while pdserve serve runs:" && echo "$(CURL)" && $(CURL) && echo
 
 test: setup test-tools
 	$(PY) -m pytest -v tests
@@ -43,6 +48,13 @@ test-tools:
 # Benchmarks: their own commands; results are written to docs/results/ and quoted in docs/.
 bench-routing: setup
 	$(PY) -m pdserve.sim.bench docs/results/bench-routing.json
+
+# docs/routing.md's tables: every simulator regime (deploy/sim/*.yaml), ablations where they matter.
+ROUTING_STUDIES := paper paper-h100 cpu synthetic azure-conv
+routing-study: setup
+	for s in $(ROUTING_STUDIES); do \
+	  $(VENV)/bin/pdserve simulate --setup $$s --out docs/results/routing-$$s \
+	    $$(case $$s in paper|paper-h100|cpu|synthetic) echo --ablation;; esac) || exit 1; done
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \

@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start Ray workers and the gRPC router")
     serve.add_argument("--config", help="YAML file (see deploy/local.yaml)")
     serve.add_argument("--host"), serve.add_argument("--port", type=int)
+    serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; -1 disables)")
     serve.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     serve.add_argument("--prefill", type=int, help="prefill instances")
     serve.add_argument("--decode", type=int, help="decode instances")
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     out: dict = {}
-    for flag, key in (("host", "host"), ("port", "port"), ("ray_address", "ray_address"), ("mode", "mode")):
+    for flag, key in (("host", "host"), ("port", "port"), ("http_port", "http_port"), ("ray_address", "ray_address"),
+                      ("mode", "mode")):
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)
     for pool in ("prefill", "decode"):
@@ -105,8 +107,9 @@ async def _run_router(cfg: config_mod.ServeConfig, cluster: object) -> None:
     server = RouterServer(cluster.prefill, cluster.decode, cluster.model_info, ServiceSettings.from_config(cfg))
     port = await server.start(cfg.host, cfg.port, cfg.metrics_port)
     metrics = f", metrics on :{server.service.metrics_port}/metrics" if cfg.metrics_port >= 0 else ""
-    print(f"pdserve serving on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode{metrics})",
-          flush=True)
+    http = f", OpenAI HTTP API on http://{cfg.host}:{server.http_port}/v1" if server.http_port >= 0 else ""
+    print(f"pdserve serving gRPC on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode"
+          f"{http}{metrics})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

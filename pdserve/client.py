@@ -14,10 +14,11 @@ def build_request(prompt: str | None = None, messages: list[tuple[str, str]] | N
                   token_ids: list[int] | None = None, max_tokens: int = 0, request_id: str = "",
                   **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from one input and sampling keywords (temperature, top_p, top_k, seed,
-    stop, ignore_eos); ``ttft_ms``/``tpot_ms`` keywords become SLO targets."""
+    stop, ignore_eos); ``ttft_ms``/``tpot_ms`` keywords become SLO targets, ``priority`` the priority."""
     slo = pb.SloTargets(ttft_ms=float(sampling.pop("ttft_ms", 0.0)), tpot_ms=float(sampling.pop("tpot_ms", 0.0)))
+    priority = int(sampling.pop("priority", 0))
     req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=max_tokens, **sampling), slo=slo,
-                             request_id=request_id)
+                             request_id=request_id, priority=priority)
     if prompt is not None:
         req.prompt = prompt
     elif messages is not None:

@@ -69,9 +69,10 @@ class Cluster:
         log.info("cluster up (%s): %d prefill, %d decode, model %s", self.cfg.mode, len(self.prefill),
                  len(self.decode), model)
 
-    def add_worker(self, role: str) -> WorkerRef:
-        """Start one more worker of ``role`` (prefill, decode or colocated) on the running cluster,
-        wait until it is up, and add it to its pool (colocated workers join ``prefill``)."""
+    def add_worker(self, role: str, wait: bool = True) -> WorkerRef:
+        """Start one more worker of ``role`` (prefill, decode or colocated) on the running cluster
+        and add it to its pool (colocated workers join ``prefill``); with ``wait``, return once its
+        engine is up (bounded), else at once while it loads."""
         from decode_worker.worker import DecodeWorker
         from prefill_worker.worker import ColocatedWorker, PrefillWorker
 
@@ -79,7 +80,8 @@ class Cluster:
         pool, cfg = (self.decode, self.cfg.decode) if role == "decode" else (self.prefill, self.cfg.prefill)
         name = f"{role}-{sum(w.role == role for w in self.workers)}"
         worker = self._spawn(cls, name, self.model_info.model, len(self.workers), self._use_gpu(), cfg.ray_resources)
-        ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
+        if wait:
+            ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
         pool.append(worker)
         return worker
 

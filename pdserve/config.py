@@ -165,6 +165,12 @@ class ServeConfig:
     """The router-side admission queue and its bounds."""
     metrics_port: int = 9400
     """Port of the router's Prometheus ``/metrics`` endpoint (0 picks a free one, -1 disables)."""
+    http_port: int = 8000
+    """Port of the router's OpenAI-compatible HTTP API (``/v1/chat/completions``, ...; 0 picks a
+    free one, -1 disables)."""
+    reflection: str = "auto"
+    """gRPC server reflection on the router's port (``grpcurl``, ``grpcui``): ``on``, ``off``, or
+    ``auto``: on when the router binds a loopback address."""
     slo_ttft_ms: float = 0.0
     """TTFT target applied to requests that set none (0: none); counted in the SLO metrics."""
     slo_tpot_ms: float = 0.0
@@ -178,6 +184,8 @@ class ServeConfig:
         _require(self.mode in ("disaggregated", "colocated"), f"mode must be disaggregated or colocated, got {self.mode!r}")
         _require(0 <= self.port < 65536, "port must be in 0..65535")
         _require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")
+        _require(-1 <= self.http_port < 65536, "http_port must be in -1..65535")
+        _require(self.reflection in ("auto", "on", "off"), f"reflection must be auto, on or off, got {self.reflection!r}")
         _require(self.slo_ttft_ms >= 0 and self.slo_tpot_ms >= 0, "slo_ttft_ms and slo_tpot_ms must be >= 0")
         _require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
         _require(self.request_timeout_s > 0, "request_timeout_s must be > 0")

@@ -296,7 +296,7 @@ def router_block_tokens(model: ModelInfo, configured: int = 0) -> int:
 
 
 def _terminal_state(err: BaseException) -> RequestState:
-    if isinstance(err, (asyncio.CancelledError, TimeoutError)):
+    if isinstance(err, (asyncio.CancelledError, TimeoutError, GeneratorExit)):
         return RequestState.CANCELLED
     if isinstance(err, (InvalidRequestError, OverloadedError)):
         return RequestState.REJECTED

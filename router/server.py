@@ -8,21 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from pdserve.config import AdmissionConfig, RoutingConfig, ServeConfig
 from pdserve.metrics import PrometheusExporter
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
 from router.dispatch import Dispatcher, FinalEvent, TokenEvent, router_block_tokens
-from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel
+from router.health import HealthReporter
+from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
+from router.settings import ServiceSettings, latency_model
 from router.pools import WorkerPool
 from router.stats import RouterStats
 from router.validate import parse_request
@@ -31,7 +30,6 @@ log = logging.getLogger("pdserve.router")
 VERSION = "0.1.0"
 POLL_INTERVAL_S = 0.25
 POLL_TIMEOUT_S = 2.0
-PROFILES_DIR = DEFAULT_PROFILE.parent
 
 
 class PdServeService(pb_grpc.PdServeServicer):
@@ -48,8 +46,7 @@ class PdServeService(pb_grpc.PdServeServicer):
         except InvalidRequestError as err:
             self.stats.record_request(RequestRecord(Outcome.REJECTED))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        req.ttft_slo_ms = req.ttft_slo_ms or self.settings.slo_ttft_ms
-        req.tpot_slo_ms = req.tpot_slo_ms or self.settings.slo_tpot_ms
+        self.settings.apply_defaults(req)
         if req.request_id in self._in_flight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already running")
         self._in_flight.add(req.request_id)
@@ -117,39 +114,8 @@ def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateRes
         prefill_instance=e.prefill_instance, decode_instance=e.decode_instance, prefill_reason=e.prefill_reason)
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
-    """The router's request-handling settings (from ``ServeConfig``)."""
-
-    prefill_policy: str = "dualmap"
-    decode_policy: str = "decode_p2c"
-    default_max_tokens: int = 64
-    request_timeout_s: float = 300.0
-    slo_ttft_ms: float = 0.0
-    slo_tpot_ms: float = 0.0
-    mode: str = "disaggregated"
-    prefill_params: dict = field(default_factory=dict)
-    """Keyword parameters of the prefill policy's class."""
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
-
-    @classmethod
-    def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
-        """The subset of a deployment's config the router uses."""
-        return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
-                   cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode, dict(cfg.prefill.policy_params), cfg.routing,
-                   cfg.admission)
-
-
-def latency_model(routing: RoutingConfig) -> OnlineLatencyModel:
-    """The live latency model: the configured profile (``auto``: the shipped CPU one), refitted
-    online from observed prefill times unless ``refit_latency`` is off."""
-    name = routing.latency_profile
-    path = DEFAULT_PROFILE if name == "auto" else PROFILES_DIR / f"{name}.json"
-    path = path if path.is_file() else Path(name)
-    if not path.is_file():
-        raise ValueError(f"latency profile {name!r} not found (a name under {PROFILES_DIR} or a path)")
-    return OnlineLatencyModel(LatencyModel.load(path), refit=routing.refit_latency)
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class RouterServer:
@@ -175,6 +141,11 @@ class RouterServer:
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
+        self.health = HealthReporter(self.dispatcher.pools)
+        self.http = HttpFrontEnd(self.dispatcher, model, settings, self.stats.record_request, self.exporter.registry)
+        self.http_port = settings.http_port
+        """The HTTP API's bound port once started (-1: off)."""
+        self.reflection = settings.reflection
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
 
@@ -185,11 +156,16 @@ class RouterServer:
             self.service.metrics_port = self.exporter.serve(host, metrics_port)
         self._server = grpc.aio.server()
         pb_grpc.add_PdServeServicer_to_server(self.service, self._server)
+        reflect = self.reflection == "on" or (self.reflection == "auto" and _loopback(host))
+        self.health.add_to(self._server, reflect)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
+        await self.health.update()
         await self._server.start()
+        if self.http_port >= 0:
+            self.http_port = await self.http.start(host, self.http_port)
         self._poller = asyncio.create_task(self._poll())
         log.info("router serving on %s:%d", host, bound)
         return bound
@@ -198,6 +174,7 @@ class RouterServer:
         """Refresh every pool's load, then let the prefill policy rebalance the router's queue."""
         while True:
             await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
+            await self.health.update()
             self.prefill.admission.rebalance({s.instance for s in self.prefill.live()})
             await asyncio.sleep(POLL_INTERVAL_S)
 
@@ -208,5 +185,6 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         if self._server is not None:
-            await self._server.stop(grace_s)
+            await self.health.shutdown()
+            await asyncio.gather(self._server.stop(grace_s), self.http.stop())
         self.exporter.stop()

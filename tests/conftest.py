@@ -27,18 +27,24 @@ class LiveRouter:
     server: Any
     loop: asyncio.AbstractEventLoop
 
+    @property
+    def http(self) -> str:
+        """Base URL of the router's OpenAI-compatible HTTP API (when started with one)."""
+        return f"http://127.0.0.1:{self.server.http_port}"
+
     def call(self, coro: Any, timeout_s: float = 60.0) -> Any:
         """Run a coroutine on the router's loop and wait (bounded) for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
 
 def start_router(workers_prefill: list, workers_decode: list, model_info: Any, metrics: bool = True,
-                 **settings: Any) -> LiveRouter:
-    """Start a RouterServer on 127.0.0.1 (free ports) in a daemon thread."""
+                 http: bool = False, **settings: Any) -> LiveRouter:
+    """Start a RouterServer on 127.0.0.1 (free ports; the HTTP API too with ``http``) in a daemon thread."""
     from router.server import RouterServer, ServiceSettings
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True, name="router-loop").start()
+    settings.setdefault("http_port", 0 if http else -1)
     server = RouterServer(workers_prefill, workers_decode, model_info, ServiceSettings(**settings))
     port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0, 0 if metrics else -1), loop).result(60)
     return LiveRouter(f"127.0.0.1:{port}", server, loop)
@@ -65,7 +71,7 @@ def cluster():
 @pytest.fixture(scope="session")
 def router(cluster):
     """The real gRPC router in front of the session's cluster."""
-    r = start_router(cluster.prefill, cluster.decode, cluster.model_info, request_timeout_s=120)
+    r = start_router(cluster.prefill, cluster.decode, cluster.model_info, http=True, request_timeout_s=120)
     yield r
     stop_router(r)
 

@@ -1,0 +1,57 @@
+"""``ServiceSettings``: what the router's front ends (gRPC, HTTP) and request path take from a
+deployment's config, and the live latency model it names. Built by ``pdserve serve`` from
+``ServeConfig``, or directly by tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdserve.config import AdmissionConfig, RoutingConfig, ServeConfig
+from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel
+from router.request import RouterRequest
+
+PROFILES_DIR = DEFAULT_PROFILE.parent
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The router's request-handling settings (from ``ServeConfig``)."""
+
+    prefill_policy: str = "dualmap"
+    decode_policy: str = "decode_p2c"
+    default_max_tokens: int = 64
+    request_timeout_s: float = 300.0
+    slo_ttft_ms: float = 0.0
+    slo_tpot_ms: float = 0.0
+    mode: str = "disaggregated"
+    prefill_params: dict = field(default_factory=dict)
+    """Keyword parameters of the prefill policy's class."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    reflection: str = "auto"
+    """gRPC server reflection: on, off, or auto (on when the router binds a loopback address)."""
+    http_port: int = -1
+    """The OpenAI-compatible HTTP front end's port (0: a free one; -1: off)."""
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
+        """The subset of a deployment's config the router uses."""
+        return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
+                   cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode, dict(cfg.prefill.policy_params), cfg.routing,
+                   cfg.admission, cfg.reflection, cfg.http_port)
+
+    def apply_defaults(self, req: RouterRequest) -> None:
+        """Give a parsed request the deployment's SLO targets where it set none."""
+        req.ttft_slo_ms = req.ttft_slo_ms or self.slo_ttft_ms
+        req.tpot_slo_ms = req.tpot_slo_ms or self.slo_tpot_ms
+
+
+def latency_model(routing: RoutingConfig) -> OnlineLatencyModel:
+    """The live latency model: the configured profile (``auto``: the shipped CPU one), refitted
+    online from observed prefill times unless ``refit_latency`` is off."""
+    name = routing.latency_profile
+    path = DEFAULT_PROFILE if name == "auto" else PROFILES_DIR / f"{name}.json"
+    path = path if path.is_file() else Path(name)
+    if not path.is_file():
+        raise ValueError(f"latency profile {name!r} not found (a name under {PROFILES_DIR} or a path)")
+    return OnlineLatencyModel(LatencyModel.load(path), refit=routing.refit_latency)
