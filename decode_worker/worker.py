@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from pdserve.types import DecodeChunk, SamplingSpec
-from pdserve.worker import EngineWorker
+from pdserve.worker import EngineWorker, own_errors_stream
 
 
 class DecodeWorker(EngineWorker):
@@ -18,6 +18,6 @@ class DecodeWorker(EngineWorker):
         """Stream tokens after ``first_token``; the engine's prompt is ``prompt_ids + [first_token]``
         with the prompt's KV loaded through ``kv_params``. The last chunk carries the load report.
         Cancelling the stream aborts the request and frees its blocks."""
-        async for chunk in self.host.stream(request_id, prompt_ids + [first_token], spec,
-                                            spec.max_tokens - 1, kv_params):
+        stream = self.host.stream(request_id, prompt_ids + [first_token], spec, spec.max_tokens - 1, kv_params)
+        async for chunk in own_errors_stream(stream):
             yield chunk

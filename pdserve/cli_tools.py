@@ -31,7 +31,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--out", default="results/sim")
     sim.set_defaults(func=_simulate)
     bench = sub.add_parser("bench", help="load-test a running pdserve over its gRPC API")
-    bench.add_argument("--target", default="127.0.0.1:50051")
+    bench.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (gRPC) or http://HOST:PORT (OpenAI API)")
     bench.add_argument("--workload", choices=["sharegpt", "azure-code", "azure-conv", "mooncake"], default="sharegpt")
     bench.add_argument("--requests", type=int, default=40)
     bench.add_argument("--arrival", choices=["poisson", "trace", "concurrency"], default="poisson")
@@ -46,6 +46,8 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--warmup", type=int, default=3, help="unrecorded requests sent first, one at a time")
     bench.add_argument("--label", default="pdserve"), bench.add_argument("--out", default="results/bench/run.json")
     bench.add_argument("--overheads", action="store_true", help="measure router, KV-transfer and transport overheads instead")
+    bench.add_argument("--http-target", metavar="http://HOST:PORT",
+                       help="with --overheads: also compare the OpenAI HTTP API's TTFT with gRPC's on this deployment")
     bench.set_defaults(func=_bench)
     cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
     cmp_.add_argument("files", nargs="+"), cmp_.add_argument("--out", default="results/bench/compare.png")
@@ -122,6 +124,9 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.overheads:
         result = report.overheads(args.target, [64, 256, 512, 1024, 1900], repeats=3)
+        if args.http_target:
+            result["http_vs_grpc"] = report.http_overhead(args.target, args.http_target)
+            print(json.dumps(result["http_vs_grpc"], indent=1))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["per_length"], indent=1))

@@ -177,6 +177,9 @@ class ServeConfig:
     """TPOT target applied to requests that set none (0: none)."""
     default_max_tokens: int = 64
     """max_tokens used when a request leaves it 0."""
+    max_prompt_bytes: int = 0
+    """Text prompts (or chat contents) over this many bytes are refused with INVALID_ARGUMENT in
+    the router, before anything tokenizes them. 0: 64 bytes per token of the model's context."""
     request_timeout_s: float = 300.0
     """Upper bound on one request's life in the router when the client sets no deadline."""
 
@@ -188,6 +191,7 @@ class ServeConfig:
         _require(self.reflection in ("auto", "on", "off"), f"reflection must be auto, on or off, got {self.reflection!r}")
         _require(self.slo_ttft_ms >= 0 and self.slo_tpot_ms >= 0, "slo_ttft_ms and slo_tpot_ms must be >= 0")
         _require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        _require(self.max_prompt_bytes >= 0, "max_prompt_bytes must be >= 0 (0: automatic)")
         _require(self.request_timeout_s > 0, "request_timeout_s must be > 0")
 
 

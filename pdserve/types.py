@@ -35,6 +35,11 @@ class NoInstanceError(RuntimeError):
     """No live instance in a pool (gRPC UNAVAILABLE)."""
 
 
+class WorkerError(RuntimeError):
+    """A worker failed a call (an engine error): what crosses to the router instead of vLLM's or
+    torch's own exception types, so the router never unpickles, or imports, either. One line."""
+
+
 class OverloadedError(RuntimeError):
     """Admission refused: a queue bound is reached or the request's predicted TTFT is far past its
     SLO (gRPC RESOURCE_EXHAUSTED); the message is one line, ``retry_after_s`` a hint."""

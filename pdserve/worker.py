@@ -5,13 +5,14 @@ the driver and the router never import it). Called by the router through Ray act
 """
 from __future__ import annotations
 
+import asyncio
 import socket
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable
 
 import ray
 
 from pdserve.config import EngineConfig, KvTransferConfig
-from pdserve.types import LoadSnapshot, ModelInfo, PromptInput
+from pdserve.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
 
 
 class EngineWorker:
@@ -41,8 +42,9 @@ class EngineWorker:
         return self.host.stats.external_hits()
 
     async def tokenize(self, prompt: PromptInput) -> list[int]:
-        """Prompt token ids; raises InvalidRequestError for an empty or too-long prompt."""
-        return self.host.tokenize(prompt)
+        """Prompt token ids; raises InvalidRequestError for an empty or too-long prompt. Runs on a
+        thread, so a long prompt never blocks this actor's event loop (or its load reports)."""
+        return await own_errors(asyncio.to_thread(self.host.tokenize, prompt))
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the engine's cached prefix blocks (operators after a model change; tests that
@@ -56,6 +58,36 @@ class EngineWorker:
     def shutdown(self) -> None:
         """Stop the engine (called before the actor is killed)."""
         self.host.shutdown()
+
+
+async def own_errors(call: Awaitable[Any]) -> Any:
+    """Await ``call``; an engine's exception becomes pdserve's own type: InvalidRequestError for a
+    value the engine rejects (a ValueError), WorkerError otherwise."""
+    try:
+        return await call
+    except InvalidRequestError:
+        raise
+    except ValueError as err:
+        raise InvalidRequestError(_one_line(err)) from None
+    except Exception as err:
+        raise WorkerError(_one_line(err)) from None
+
+
+async def own_errors_stream(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``own_errors`` for a streaming call."""
+    try:
+        async for item in stream:
+            yield item
+    except InvalidRequestError:
+        raise
+    except ValueError as err:
+        raise InvalidRequestError(_one_line(err)) from None
+    except Exception as err:
+        raise WorkerError(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:500]
 
 
 def _free_port(host: str) -> int:

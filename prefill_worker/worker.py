@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from pdserve.types import DecodeChunk, PrefillResult, SamplingSpec
-from pdserve.worker import EngineWorker
+from pdserve.worker import EngineWorker, own_errors, own_errors_stream
 
 
 class PrefillWorker(EngineWorker):
@@ -21,12 +21,12 @@ class PrefillWorker(EngineWorker):
         """Run the prompt and sample its first token. With ``remote_decode`` the KV is held and
         ``kv_params`` names it; the router must hand it to a decode instance or release it.
         ``fault`` is test-only fault injection (``"corrupt"`` flips a byte of every KV chunk)."""
-        return await self.host.prefill(request_id, prompt_ids, spec, remote_decode, fault)
+        return await own_errors(self.host.prefill(request_id, prompt_ids, spec, remote_decode, fault))
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        spec: SamplingSpec) -> AsyncIterator[DecodeChunk]:
         """Serve the whole request on this engine, streaming deltas (no KV transfer)."""
-        async for chunk in self.host.stream(request_id, prompt_ids, spec, spec.max_tokens):
+        async for chunk in own_errors_stream(self.host.stream(request_id, prompt_ids, spec, spec.max_tokens)):
             yield chunk
 
 

@@ -29,9 +29,10 @@ from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outco
 from router import openai_protocol as oa
 from router.dispatch import Dispatcher, FinalEvent, TokenEvent
 from router.settings import ServiceSettings
-from router.validate import parse_request
 
 log = logging.getLogger("pdserve.http")
+MAX_BODY_BYTES = 16 * 2**20
+"""Bodies beyond this are refused before parsing (prompts are bounded far below, per deployment)."""
 
 
 class _Server(uvicorn.Server):
@@ -48,7 +49,7 @@ class HttpFrontEnd:
     def __init__(self, dispatcher: Dispatcher, model: ModelInfo, settings: ServiceSettings,
                  record: Callable[[RequestRecord], None], registry: Any) -> None:
         self.dispatcher, self.settings, self._record, self.registry = dispatcher, settings, record, registry
-        self.model_id = Path(model.model).name
+        self.model, self.model_id = model, Path(model.model).name
         self._model_names = {self.model_id, model.model}
         self.app = self._build()
         self._server: _Server | None = None
@@ -105,15 +106,17 @@ class HttpFrontEnd:
     # ---- the request path --------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
         try:
-            body = json.loads(await request.body())
+            raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise InvalidRequestError(f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+            body = json.loads(raw)
             if isinstance(body, dict) and body.get("model") not in self._model_names:
                 return _error(404, f"model {body.get('model')!r} not found; this server serves {self.model_id!r}",
                               "not_found_error", "model_not_found")
-            req = parse_request(oa.chat_request(body) if chat else oa.completion_request(body))
+            req = self.settings.parse(oa.chat_request(body) if chat else oa.completion_request(body), self.model)
         except (InvalidRequestError, ValueError) as err:  # ValueError: the body is not JSON
             self._record(RequestRecord(Outcome.REJECTED))
             return _error(400, str(err).splitlines()[0] or "invalid request", "invalid_request_error")
-        self.settings.apply_defaults(req)
         req.request_id = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         events = self.dispatcher.run(req)

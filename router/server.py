@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
@@ -18,18 +19,35 @@ from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
 from router.dispatch import Dispatcher, FinalEvent, TokenEvent, router_block_tokens
-from router.health import HealthReporter
+from router.health import API_SERVICE, HealthReporter
 from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
 from router.settings import ServiceSettings, latency_model
 from router.pools import WorkerPool
 from router.stats import RouterStats
-from router.validate import parse_request
 
 log = logging.getLogger("pdserve.router")
 VERSION = "0.1.0"
 POLL_INTERVAL_S = 0.25
 POLL_TIMEOUT_S = 2.0
+MAX_MESSAGE_BYTES = 16 * 2**20
+"""gRPC's own cap on a request message (RESOURCE_EXHAUSTED beyond); prompts are refused far
+below it, by ``max_prompt_bytes``."""
+
+
+class RateLimitedLog:
+    """At most one warning per ``interval_s``, counting what it did not log."""
+
+    def __init__(self, what: str, interval_s: float = 10.0) -> None:
+        self.what, self.interval_s, self._count, self._last = what, interval_s, 0, -interval_s
+
+    def hit(self) -> None:
+        """Count one occurrence; log the count if the interval has passed."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            log.warning("%d %s", self._count, self.what)
+            self._count, self._last = 0, now
 
 
 class PdServeService(pb_grpc.PdServeServicer):
@@ -39,14 +57,18 @@ class PdServeService(pb_grpc.PdServeServicer):
         self.dispatcher, self.model, self.stats, self.settings = dispatcher, model, stats, settings
         self.metrics_port = 0
         self._in_flight: set[str] = set()
+        self._malformed = RateLimitedLog("malformed GenerateRequest(s) refused")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        if isinstance(request, _Malformed):
+            self._malformed.hit()
+            self.stats.record_request(RequestRecord(Outcome.REJECTED))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed GenerateRequest (not a pdserve.v1 message)")
         try:
-            req = parse_request(request)
+            req = self.settings.parse(request, self.model)
         except InvalidRequestError as err:
             self.stats.record_request(RequestRecord(Outcome.REJECTED))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        self.settings.apply_defaults(req)
         if req.request_id in self._in_flight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already running")
         self._in_flight.add(req.request_id)
@@ -114,6 +136,34 @@ def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateRes
         prefill_instance=e.prefill_instance, decode_instance=e.decode_instance, prefill_reason=e.prefill_reason)
 
 
+class _Malformed:
+    """What a GenerateRequest that does not parse becomes (answered INVALID_ARGUMENT)."""
+
+
+def _lenient(data: bytes) -> pb.GenerateRequest | _Malformed:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except Exception:  # DecodeError and friends: the client's fault, not the server's
+        return _Malformed()
+
+
+def _add_service(service: PdServeService, server: grpc.aio.Server) -> None:
+    """``pdserve.v1.PdServe`` on ``server``, as the generated ``add_PdServeServicer_to_server`` but
+    with a Generate deserializer that turns malformed bytes into INVALID_ARGUMENT, not UNKNOWN."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=_lenient, response_serializer=pb.GenerateResponse.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            service.Health, request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthResponse.SerializeToString),
+        "ServerInfo": grpc.unary_unary_rpc_method_handler(
+            service.ServerInfo, request_deserializer=pb.ServerInfoRequest.FromString,
+            response_serializer=pb.ServerInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(API_SERVICE, handlers),))
+    server.add_registered_method_handlers(API_SERVICE, handlers)
+
+
 def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -154,8 +204,8 @@ class RouterServer:
         bound gRPC port (the metrics port is ``service.metrics_port``)."""
         if metrics_port >= 0:
             self.service.metrics_port = self.exporter.serve(host, metrics_port)
-        self._server = grpc.aio.server()
-        pb_grpc.add_PdServeServicer_to_server(self.service, self._server)
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        _add_service(self.service, self._server)
         reflect = self.reflection == "on" or (self.reflection == "auto" and _loopback(host))
         self.health.add_to(self._server, reflect)
         bound = self._server.add_insecure_port(f"{host}:{port}")

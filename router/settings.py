@@ -8,7 +8,10 @@ from pathlib import Path
 
 from pdserve.config import AdmissionConfig, RoutingConfig, ServeConfig
 from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel
+from pdserve.types import ModelInfo
+from protos import pdserve_v1_pb2 as pb
 from router.request import RouterRequest
+from router.validate import parse_request
 
 PROFILES_DIR = DEFAULT_PROFILE.parent
 
@@ -32,13 +35,22 @@ class ServiceSettings:
     """gRPC server reflection: on, off, or auto (on when the router binds a loopback address)."""
     http_port: int = -1
     """The OpenAI-compatible HTTP front end's port (0: a free one; -1: off)."""
+    max_prompt_bytes: int = 0
+    """Text prompts over this many bytes are refused before tokenizing (0: 64 x the context)."""
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
         """The subset of a deployment's config the router uses."""
         return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
                    cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode, dict(cfg.prefill.policy_params), cfg.routing,
-                   cfg.admission, cfg.reflection, cfg.http_port)
+                   cfg.admission, cfg.reflection, cfg.http_port, cfg.max_prompt_bytes)
+
+    def parse(self, msg: pb.GenerateRequest, model: ModelInfo) -> RouterRequest:
+        """Validate a request against this deployment's limits (``router.validate``) and give it
+        the deployment's SLO targets where it set none. Raises InvalidRequestError."""
+        req = parse_request(msg, self.max_prompt_bytes or 64 * model.max_model_len, model.max_model_len)
+        self.apply_defaults(req)
+        return req
 
     def apply_defaults(self, req: RouterRequest) -> None:
         """Give a parsed request the deployment's SLO targets where it set none."""

@@ -20,15 +20,32 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidRequestError(message)
 
 
-def parse_request(msg: pb.GenerateRequest) -> RouterRequest:
-    """Validate and convert; the request id is the client's or a new uuid."""
+def parse_request(msg: pb.GenerateRequest, max_prompt_bytes: int = 0, max_prompt_tokens: int = 0) -> RouterRequest:
+    """Validate and convert; the request id is the client's or a new uuid. Prompts over
+    ``max_prompt_bytes`` of text or ``max_prompt_tokens`` ids (0: unbounded) are refused here,
+    before anything tokenizes them."""
     _check(len(msg.request_id) <= MAX_REQUEST_ID, f"request_id longer than {MAX_REQUEST_ID} characters")
+    _check_size(msg, max_prompt_bytes, max_prompt_tokens)
     slo = msg.slo
     for name, value in (("slo.ttft_ms", slo.ttft_ms), ("slo.tpot_ms", slo.tpot_ms)):
         _check(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
     return RouterRequest(request_id=msg.request_id or uuid.uuid4().hex, prompt=parse_prompt(msg),
                          sampling=parse_sampling(msg.sampling), ttft_slo_ms=slo.ttft_ms,
                          tpot_slo_ms=slo.tpot_ms, priority=msg.priority)
+
+
+def _check_size(msg: pb.GenerateRequest, max_bytes: int, max_tokens: int) -> None:
+    kind = msg.WhichOneof("input")
+    if kind == "tokens":
+        n = len(msg.tokens.token_ids)
+        _check(not max_tokens or n < max_tokens, f"prompt is {n} tokens; the model's context is {max_tokens} "
+                                                 "(prompt must leave room for at least one output token)")
+        return
+    text = [msg.prompt] if kind == "prompt" else [m.content for m in msg.chat.messages] if kind == "chat" else []
+    size = sum(len(t) for t in text)  # characters: a cheap lower bound of the UTF-8 bytes
+    if max_bytes and size > max_bytes // 4:
+        size = sum(len(t.encode()) for t in text)
+    _check(not max_bytes or size <= max_bytes, f"prompt is {size} bytes; the limit is {max_bytes}")
 
 
 def parse_prompt(msg: pb.GenerateRequest) -> PromptInput:
@@ -53,7 +70,7 @@ def parse_sampling(s: pb.SamplingParams) -> SamplingSpec:
     """Range checks; unset optional fields take their defaults (0 max_tokens: the server's)."""
     _check(s.max_tokens >= 0, f"max_tokens must be > 0, got {s.max_tokens}")
     temperature = s.temperature if s.HasField("temperature") else 0.0
-    _check(math.isfinite(temperature) and temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    _check(math.isfinite(temperature) and 0 <= temperature <= 2, f"temperature must be in [0, 2], got {temperature}")
     top_p = s.top_p if s.HasField("top_p") else 1.0
     _check(math.isfinite(top_p) and 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     top_k = s.top_k if s.HasField("top_k") else 0

@@ -64,10 +64,12 @@ def test_mooncake_workload_shares_real_token_blocks():
 
 
 @pytest.mark.skipif(not workloads.exists("sharegpt"), reason="../shared/traces not present")
-def test_short_real_run_writes_a_well_formed_results_file(router, tmp_path):
+@pytest.mark.parametrize("api", ["grpc", "http"])
+def test_short_real_run_writes_a_well_formed_results_file(router, tmp_path, api):
     requests = workloads.load("sharegpt", 4, seed=random.Random(0).randrange(100), max_output=6, input_scale=1.0,
                               output_scale=1.0, max_prompt=1536)
-    results = report.sweep(router.target, requests, [2.0], SLOS, "test", "poisson", 4, seed=0, timeout_s=120)
+    target = router.target if api == "grpc" else router.http
+    results = report.sweep(target, requests, [2.0], SLOS, "test", "poisson", 4, seed=0, timeout_s=120)
     out = tmp_path / "run.json"
     report.write(results, out)
     data = json.loads(out.read_text())

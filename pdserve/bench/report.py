@@ -150,3 +150,25 @@ def _raw_tcp_ms(nbytes: int, chunk: int = 1 << 20) -> float:
     elapsed = time.perf_counter() - start
     server.close()
     return elapsed * 1e3
+
+
+def http_overhead(grpc_target: str, http_target: str, n: int = 40, length: int = 256, vocab_id: int = 3000) -> dict:
+    """Client-seen TTFT of the same deployment through its gRPC API and its OpenAI HTTP API:
+    ``n`` pairs of sequential one-token requests of ``length`` distinct token ids each, the order
+    within a pair alternating so drift cancels; medians and the median difference."""
+    async def measure() -> list[tuple[float, float]]:
+        out = []
+        async with runner.driver(grpc_target) as g, runner.driver(http_target) as h:
+            for i in range(n):
+                reqs = [BenchRequest(1, token_ids=tuple((vocab_id + 97 * i + 13 * k + j) % 48_000 + 100
+                                                        for j in range(length))) for k in range(2)]
+                order = (g, h) if i % 2 else (h, g)
+                got = {id(c): (await c.send(r, 60)).ttft_s for c, r in zip(order, reqs)}
+                out.append((got[id(g)], got[id(h)]))
+        return out
+    pairs = asyncio.run(measure())
+    grpc_ms = [1e3 * g for g, _ in pairs]
+    http_ms = [1e3 * h for _, h in pairs]
+    return {"requests": n, "prompt_tokens": length, "grpc_ttft_ms_p50": statistics.median(grpc_ms),
+            "http_ttft_ms_p50": statistics.median(http_ms),
+            "http_minus_grpc_ms_p50": statistics.median(h - g for g, h in zip(grpc_ms, http_ms))}

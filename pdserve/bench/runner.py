@@ -10,10 +10,11 @@ import asyncio
 import random
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import grpc
 
+from pdserve.bench.http_driver import HttpDriver
 from pdserve.bench.stats import RequestTiming
 from pdserve.bench.workloads import BenchRequest
 from pdserve.client import build_request
@@ -35,27 +36,27 @@ def arrival_times(requests: Sequence[BenchRequest], arrival: str, rate: float, t
 async def run(target: str, requests: Sequence[BenchRequest], arrival: str = "poisson", rate: float = 1.0,
               concurrency: int = 4, time_scale: float = 1.0, timeout_s: float = 300.0, seed: int = 0,
               progress: bool = True) -> tuple[list[RequestTiming], float]:
-    """Send every request; returns per-request timings (in request order) and the run's duration."""
+    """Send every request to ``target`` (``HOST:PORT``: gRPC; ``http://HOST:PORT``: the OpenAI HTTP
+    API); returns per-request timings (in request order) and the run's duration."""
     bar = _Progress(len(requests), progress)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.PdServeStub(channel)
+    async with driver(target) as client:
         start = time.perf_counter()
         if arrival == "concurrency":
-            timings = await _closed_loop(stub, requests, concurrency, timeout_s, bar)
+            timings = await _closed_loop(client, requests, concurrency, timeout_s, bar)
         else:
             offsets = arrival_times(requests, arrival, rate, time_scale, seed)
-            timings = await asyncio.gather(*(_at(start + o, stub, r, timeout_s, bar) for o, r in zip(offsets, requests)))
+            timings = await asyncio.gather(*(_at(start + o, client, r, timeout_s, bar) for o, r in zip(offsets, requests)))
         duration = time.perf_counter() - start
     bar.close()
     return list(timings), duration
 
 
-async def _at(when: float, stub: pb_grpc.PdServeStub, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
+async def _at(when: float, client: Any, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
     await asyncio.sleep(max(0.0, when - time.perf_counter()))
-    return await _one(stub, req, timeout_s, bar)
+    return await _one(client, req, timeout_s, bar)
 
 
-async def _closed_loop(stub: pb_grpc.PdServeStub, requests: Sequence[BenchRequest], concurrency: int,
+async def _closed_loop(client: Any, requests: Sequence[BenchRequest], concurrency: int,
                        timeout_s: float, bar: _Progress) -> list[RequestTiming]:
     results: list[RequestTiming | None] = [None] * len(requests)
     queue = list(enumerate(requests))[::-1]
@@ -63,13 +64,43 @@ async def _closed_loop(stub: pb_grpc.PdServeStub, requests: Sequence[BenchReques
     async def worker() -> None:
         while queue:
             i, req = queue.pop()
-            results[i] = await _one(stub, req, timeout_s, bar)
+            results[i] = await _one(client, req, timeout_s, bar)
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return [r for r in results if r is not None]
 
 
-async def _one(stub: pb_grpc.PdServeStub, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
+def driver(target: str) -> Any:
+    """The client for ``target``: an async context manager whose value has ``send``."""
+    return HttpDriver(target) if target.startswith(("http://", "https://")) else GrpcDriver(target)
+
+
+class GrpcDriver:
+    """Sends ``BenchRequest``s over the gRPC API."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    async def __aenter__(self) -> GrpcDriver:
+        self.channel = grpc.aio.insecure_channel(self.target)
+        self.stub = pb_grpc.PdServeStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def send(self, req: BenchRequest, timeout_s: float) -> RequestTiming:
+        """One streamed request, timed as the client sees it."""
+        return await _grpc_one(self.stub, req, timeout_s)
+
+
+async def _one(client: Any, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
+    timing = await client.send(req, timeout_s)
+    bar.step()
+    return timing
+
+
+async def _grpc_one(stub: pb_grpc.PdServeStub, req: BenchRequest, timeout_s: float) -> RequestTiming:
     msg = build_request(messages=list(req.messages) if req.messages else None,
                         token_ids=list(req.token_ids) if req.token_ids else None, max_tokens=req.max_tokens)
     start = time.perf_counter()
@@ -80,9 +111,7 @@ async def _one(stub: pb_grpc.PdServeStub, req: BenchRequest, timeout_s: float, b
             stamps += [time.perf_counter()] * len(resp.token_ids)
             final = resp if resp.final else final
     except grpc.aio.AioRpcError as err:
-        bar.step()
         return RequestTiming(ok=False, error=f"{err.code().name}: {err.details()}")
-    bar.step()
     end = time.perf_counter()
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
     return RequestTiming(ok=final is not None, ttft_s=stamps[0] - start if stamps else None, tpot_s=tpot,
