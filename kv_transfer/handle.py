@@ -29,6 +29,8 @@ class KvHandle:
     """Prompt tokens whose KV is held (the decode loads at most this many)."""
     num_blocks: int
     block_size: int
+    secret: str = ""
+    """The per-transfer secret: the KV server answers only calls that carry it."""
 
     def to_params(self) -> dict[str, Any]:
         """The dict form carried in vLLM's ``kv_transfer_params``."""

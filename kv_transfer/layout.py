@@ -7,6 +7,9 @@ as both run the same model, dtype and backend (which a deployment guarantees).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 
@@ -17,11 +20,19 @@ class KvLayoutError(RuntimeError):
 class KvLayout:
     """The worker's registered KV tensors, indexed by a stable layer order (sorted names)."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, identity: str = "") -> None:
         self.layer_names = sorted(kv_caches)
         self._tensors = [kv_caches[name] for name in self.layer_names]
         self._block_dims = [_block_dim(t, num_blocks, n) for t, n in zip(self._tensors, self.layer_names)]
         self.num_blocks = num_blocks
+        self.fingerprint = self._fingerprint(identity)
+        """What a peer's layout must equal for these bytes to mean the same KV: ``identity`` (model,
+        tensor-parallel rank and size) plus every layer's name, dtype and per-block shape."""
+
+    def _fingerprint(self, identity: str) -> str:
+        layers = [(name, str(t.dtype), [s if i != d else -1 for i, s in enumerate(t.shape)], d)
+                  for name, t, d in zip(self.layer_names, self._tensors, self._block_dims)]
+        return hashlib.sha256(json.dumps([identity, layers]).encode()).hexdigest()[:32]
 
     @property
     def num_layers(self) -> int:

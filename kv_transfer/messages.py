@@ -23,6 +23,8 @@ class ConnectorSettings:
     """Bound on one pull (consumer)."""
     chunk_blocks: int = 64
     """Blocks per streamed chunk."""
+    model: str = ""
+    """The served model (part of the KV layout fingerprint)."""
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
@@ -38,6 +40,8 @@ class SendSpec:
     request_id: str
     block_ids: list[int]
     fault: str = ""
+    secret: str = ""
+    """The transfer's secret; pulls and releases must carry it."""
 
 
 @dataclass(frozen=True)

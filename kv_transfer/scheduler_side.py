@@ -8,6 +8,7 @@ worker's ``LoadReport`` in the request's final output.
 """
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.request import RequestStatus
@@ -79,9 +80,11 @@ class SchedulerSide:
         if not (self._is_producer and params.get(DO_REMOTE_DECODE) and block_ids
                 and request.status == RequestStatus.FINISHED_LENGTH_CAPPED):
             return False, None
-        self._sends.append(SendSpec(rid, list(block_ids), str(params.get(FAULT, ""))))
+        secret = secrets.token_hex(16)
+        self._sends.append(SendSpec(rid, list(block_ids), str(params.get(FAULT, "")), secret))
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
-        held = KvHandle(self._settings.host, self._settings.port, rid, num_tokens, len(block_ids), self._block_size)
+        held = KvHandle(self._settings.host, self._settings.port, rid, num_tokens, len(block_ids), self._block_size,
+                        secret)
         return True, held.to_params()
 
     def _finish_consumer(self, request: Request, handle: KvHandle) -> tuple[bool, dict[str, Any] | None]:

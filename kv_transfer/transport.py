@@ -7,6 +7,7 @@ blocks. No torch here: the layout object is passed in, so the router can import 
 """
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 import zlib
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 
 HOLD_WAIT_S = 5.0
 """How long a pull waits for the sender's engine to register the blocks it named in a handle."""
+SERVER_THREADS = 16
+"""Threads of a KV server (pulls and releases)."""
+MAX_WAITING_PULLS = SERVER_THREADS // 2
+"""Pulls that may wait for a hold at once; more get UNAVAILABLE at once, so calls for unknown ids
+(bogus or early) can never occupy every thread and starve real transfers."""
 
 
 class KvTransferError(RuntimeError):
@@ -36,8 +42,13 @@ class _Held:
     block_ids: list[int]
     deadline: float
     fault: str = ""
+    secret: str = ""
     pulls: int = 0
     released: bool = False
+
+    def allows(self, secret: str) -> bool:
+        """Whether a call carrying ``secret`` may pull or release these blocks."""
+        return hmac.compare_digest(self.secret, secret)
 
 
 @dataclass
@@ -51,17 +62,23 @@ class HeldKv:
 
     lease_s: float
     _entries: dict[str, _Held] = field(default_factory=dict)
-    _early_releases: dict[str, float] = field(default_factory=dict)  # id -> forget after
+    _early_releases: dict[str, tuple[float, str]] = field(default_factory=dict)  # id -> (forget after, secret)
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
-    def hold(self, request_id: str, block_ids: list[int], fault: str = "") -> None:
+    def hold(self, request_id: str, block_ids: list[int], fault: str = "", secret: str = "") -> None:
         """Start holding a finished prefill's blocks for one lease (already released if a release
-        for this id came first)."""
+        carrying this transfer's secret came first)."""
         with self._lock:
-            entry = _Held(list(block_ids), time.monotonic() + self.lease_s, fault)
-            entry.released = self._early_releases.pop(request_id, None) is not None
+            entry = _Held(list(block_ids), time.monotonic() + self.lease_s, fault, secret)
+            early = self._early_releases.pop(request_id, None)
+            entry.released = early is not None and entry.allows(early[1])
             self._entries[request_id] = entry
             self._lock.notify_all()
+
+    def known(self, request_id: str) -> bool:
+        """Whether a hold for ``request_id`` has arrived (released or not)."""
+        with self._lock:
+            return request_id in self._entries
 
     def pin(self, request_id: str, wait_s: float = 0.0) -> _Held | None:
         """Mark a pull in flight (the lease cannot expire under it); None if unknown or ended.
@@ -83,14 +100,17 @@ class HeldKv:
             if request_id in self._entries:
                 self._entries[request_id].pulls -= 1
 
-    def release(self, request_id: str) -> bool:
+    def release(self, request_id: str, secret: str = "") -> bool | None:
         """Mark the blocks free to reuse; False when the id is not held (yet: a hold that
-        arrives later within one lease starts released)."""
+        arrives later within one lease, with the same secret, starts released); None when the
+        secret is wrong."""
         with self._lock:
             entry = self._entries.get(request_id)
             if entry is None:
-                self._early_releases[request_id] = time.monotonic() + self.lease_s
+                self._early_releases[request_id] = (time.monotonic() + self.lease_s, secret)
                 return False
+            if not entry.allows(secret):
+                return None
             entry.released = True
             return True
 
@@ -102,7 +122,7 @@ class HeldKv:
                     if (e.released or e.deadline <= now) and e.pulls == 0}
             for rid in done:
                 del self._entries[rid]
-            for rid in [r for r, forget in self._early_releases.items() if forget <= now]:
+            for rid in [r for r, (forget, _) in self._early_releases.items() if forget <= now]:
                 del self._early_releases[rid]
             return done
 
@@ -114,15 +134,34 @@ class HeldKv:
 class _KvServicer(pb_grpc.KvTransferServicer):
     def __init__(self, held: HeldKv, layout: KvLayout, chunk_blocks: int) -> None:
         self._held, self._layout, self._chunk_blocks = held, layout, chunk_blocks
+        self._waiting = threading.BoundedSemaphore(MAX_WAITING_PULLS)
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.KvChunk]:
-        entry = self._held.pin(request.request_id, HOLD_WAIT_S)
-        if entry is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id}")
+        if request.fingerprint != self._layout.fingerprint:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout fingerprint mismatch: receiver "
+                          f"{request.fingerprint or '(none)'}, sender {self._layout.fingerprint}")
+        entry = self._pin(request.request_id, context)
         try:
+            if not entry.allows(request.secret):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong or missing transfer secret")
             yield from self._chunks(entry, request.first_block)
         finally:
             self._held.unpin(request.request_id)
+
+    def _pin(self, request_id: str, context: grpc.ServicerContext) -> _Held:
+        """Pin the hold, waiting (bounded, and only so many at once) for one not yet registered."""
+        if self._held.known(request_id):
+            entry = self._held.pin(request_id)
+        elif self._waiting.acquire(blocking=False):
+            try:
+                entry = self._held.pin(request_id, HOLD_WAIT_S)
+            finally:
+                self._waiting.release()
+        else:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "too many pulls waiting for their holds")
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request_id}")
+        return entry
 
     def _chunks(self, entry: _Held, first_block: int) -> Iterator[pb.KvChunk]:
         for layer in range(self._layout.num_layers):
@@ -135,13 +174,16 @@ class _KvServicer(pb_grpc.KvTransferServicer):
                 yield pb.KvChunk(layer=layer, first_block=start, num_blocks=len(run), data=data, crc32=crc)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
-        return pb.ReleaseResponse(released=self._held.release(request.request_id))
+        released = self._held.release(request.request_id, request.secret)
+        if released is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong or missing transfer secret")
+        return pb.ReleaseResponse(released=released)
 
 
 def start_server(held: HeldKv, layout: KvLayout, host: str, port: int, chunk_blocks: int) -> grpc.Server:
     """Serve ``held`` on host:port from a small thread pool; the caller stops it at shutdown."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv"),
-                         options=_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="pdserve-kv"),
+                         options=_OPTIONS + [("grpc.so_reuseport", 0)])
     pb_grpc.add_KvTransferServicer_to_server(_KvServicer(held, layout, chunk_blocks), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise KvTransferError(f"KV server cannot bind {host}:{port}")
@@ -163,8 +205,10 @@ def _stub(host: str, port: int) -> pb_grpc.KvTransferStub:
 
 
 def pull(layout: KvLayout, host: str, port: int, request_id: str, first_block: int,
-         local_block_ids: list[int], timeout_s: float) -> int:
+         local_block_ids: list[int], timeout_s: float, secret: str = "") -> int:
     """Pull the sender's blocks ``first_block..`` into ``local_block_ids``; return bytes received.
+    The call carries the transfer's ``secret`` and this layout's fingerprint (checked by the
+    sender before any byte is sent).
 
     Raises KvTransferError on any failure; the local blocks may then hold partial data, which the
     caller must report as failed so vLLM recomputes them.
@@ -172,8 +216,9 @@ def pull(layout: KvLayout, host: str, port: int, request_id: str, first_block: i
     want = {(layer, b) for layer in range(layout.num_layers) for b in range(len(local_block_ids))}
     received = 0
     try:
-        for chunk in _stub(host, port).Pull(pb.PullRequest(request_id=request_id, first_block=first_block),
-                                            timeout=timeout_s):
+        request = pb.PullRequest(request_id=request_id, first_block=first_block, secret=secret,
+                                 fingerprint=layout.fingerprint)
+        for chunk in _stub(host, port).Pull(request, timeout=timeout_s):
             if zlib.crc32(chunk.data) != chunk.crc32:
                 raise KvTransferError(f"checksum mismatch in layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}")
             rel = range(chunk.first_block - first_block, chunk.first_block - first_block + chunk.num_blocks)
@@ -189,9 +234,11 @@ def pull(layout: KvLayout, host: str, port: int, request_id: str, first_block: i
     return received
 
 
-def release(host: str, port: int, request_id: str, timeout_s: float = 2.0) -> bool:
-    """Tell a prefill instance to free a request's held blocks; False if unreachable or unknown."""
+def release(host: str, port: int, request_id: str, timeout_s: float = 2.0, secret: str = "") -> bool:
+    """Tell a prefill instance to free a request's held blocks; False if unreachable, unknown or
+    refused (wrong secret)."""
     try:
-        return _stub(host, port).Release(pb.ReleaseRequest(request_id=request_id), timeout=timeout_s).released
+        request = pb.ReleaseRequest(request_id=request_id, secret=secret)
+        return _stub(host, port).Release(request, timeout=timeout_s).released
     except grpc.RpcError:
         return False

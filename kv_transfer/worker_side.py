@@ -31,6 +31,7 @@ class WorkerSide:
         self._held = transport.HeldKv(settings.lease_s)
         self._layout: KvLayout | None = None
         self._server = None
+        self._rank = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdserve-kv-pull")
         self._lock = threading.Lock()
         self._received: set[str] = set()
@@ -38,18 +39,21 @@ class WorkerSide:
         self._reports: dict[str, LoadReport] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Index the KV tensors; a producer starts its KV server here."""
-        self._layout = KvLayout(kv_caches, self._num_blocks)
+        """Index the KV tensors; a producer starts its KV server here, one port per tensor-parallel
+        rank (the handle's port + rank), so a pull always reaches the rank holding its shard."""
+        rank, size = _tp_rank_size()
+        self._rank = rank
+        self._layout = KvLayout(kv_caches, self._num_blocks, f"{self._settings.model}|tp {rank}/{size}")
         if self._is_producer:
             s = self._settings
-            self._server = transport.start_server(self._held, self._layout, s.host, s.port, s.chunk_blocks)
-            log.info("KV server on %s:%d (%d layers, %d bytes/block)", s.host, s.port,
+            self._server = transport.start_server(self._held, self._layout, s.host, s.port + rank, s.chunk_blocks)
+            log.info("KV server on %s:%d (%d layers, %d bytes/block)", s.host, s.port + rank,
                      self._layout.num_layers, self._layout.block_bytes())
 
     def start_step(self, meta: PdserveConnectorMeta) -> None:
         """Take this step's holds and start its pulls (called every engine step)."""
         for send in meta.sends:
-            self._held.hold(send.request_id, send.block_ids, send.fault)
+            self._held.hold(send.request_id, send.block_ids, send.fault, send.secret)
         for load in meta.loads:
             self._pool.submit(self._load, load)
 
@@ -60,7 +64,7 @@ class WorkerSide:
             report = self._pull(spec)
             log.debug("KV load %s: %s", spec.request_id, report)
         h = spec.handle
-        transport.release(h.host, h.port, h.request_id)
+        transport.release(h.host, h.port + self._rank, h.request_id, secret=h.secret)
         if not spec.local_block_ids:
             return
         report = LoadReport(report.tokens, report.bytes, (time.perf_counter() - start) * 1e3, report.failed)
@@ -73,8 +77,8 @@ class WorkerSide:
     def _pull(self, spec: LoadSpec) -> LoadReport:
         h = spec.handle
         try:
-            nbytes = transport.pull(self._layout, h.host, h.port, h.request_id, spec.first_block,
-                                    spec.local_block_ids, self._settings.load_timeout_s)
+            nbytes = transport.pull(self._layout, h.host, h.port + self._rank, h.request_id, spec.first_block,
+                                    spec.local_block_ids, self._settings.load_timeout_s, h.secret)
         except (transport.KvTransferError, KvLayoutError) as err:
             log.warning("KV load of %s failed, recomputing: %s", spec.request_id, err)
             return LoadReport(failed=str(err))
@@ -102,3 +106,13 @@ class WorkerSide:
         if self._server is not None:
             self._server.stop(grace=0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _tp_rank_size() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and world size (0, 1 before vLLM's groups exist)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError, ImportError):
+        return 0, 1

@@ -7,6 +7,7 @@ safe to call concurrently (vLLM's AsyncLLM multiplexes requests).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from vllm import SamplingParams
@@ -30,7 +31,7 @@ def engine_args(cfg: EngineConfig, model: str, role: str, connector: dict[str, A
     if role in _KV_ROLE:
         kv = {"kv_connector": "PdserveConnector", "kv_connector_module_path": "kv_transfer.connector",
               "kv_role": _KV_ROLE[role], "kv_load_failure_policy": "recompute",
-              "kv_connector_extra_config": connector}
+              "kv_connector_extra_config": {**connector, "model": Path(model).name}}
     return AsyncEngineArgs(model=model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                            block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,

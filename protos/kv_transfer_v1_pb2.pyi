@@ -5,12 +5,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "first_block")
+    __slots__ = ("request_id", "first_block", "secret", "fingerprint")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_block: int
-    def __init__(self, request_id: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
+    secret: str
+    fingerprint: str
+    def __init__(self, request_id: _Optional[str] = ..., first_block: _Optional[int] = ..., secret: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer", "first_block", "num_blocks", "data", "crc32")
@@ -27,10 +31,12 @@ class KvChunk(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    secret: str
+    def __init__(self, request_id: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)

@@ -51,7 +51,10 @@ class KvTransferServicer:
 
     def Pull(self, request, context):
         """Pull streams the held KV of one request, one chunk per (layer, block run).
-        NOT_FOUND when the request is unknown or its lease expired.
+        NOT_FOUND when the request is unknown or its lease expired;
+        PERMISSION_DENIED without the transfer's secret; FAILED_PRECONDITION when
+        the receiver's layout fingerprint differs from the sender's (nothing sent);
+        UNAVAILABLE when too many pulls already wait for holds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -59,7 +62,7 @@ class KvTransferServicer:
 
     def Release(self, request, context):
         """Release frees the held blocks (decode finished loading, or the request
-        was cancelled). Idempotent.
+        was cancelled). Idempotent. PERMISSION_DENIED without the secret.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -238,7 +238,7 @@ class Dispatcher:
                     legs.handle = KvHandle.from_params(getattr(late, "kv_params", None))
                 if legs.handle is not None:
                     h = legs.handle
-                    await asyncio.to_thread(transport.release, h.host, h.port, h.request_id)
+                    await asyncio.to_thread(transport.release, h.host, h.port, h.request_id, secret=h.secret)
                 if legs.decode is not None and not legs.decode_done:
                     await _quiet(legs.decode.actor.abort.remote(req.request_id))
         except TimeoutError:

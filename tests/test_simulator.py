@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.sim import traces
 from pdserve.sim.cluster import ClusterSim, SimConfig
-from pdserve.sim.study import capacity, markdown_table, percentile, summarize
+from pdserve.sim.study import capacity, capacity_bound_rps, markdown_table, percentile, summarize
 from router.latency import LatencyModel
 from router.policies import POLICIES
 
@@ -96,3 +96,9 @@ def test_azure_loader_has_lengths_and_no_sharing():
     reqs = traces.load_azure(SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv", limit=100)
     assert reqs[0].arrival_s == 0.0 and reqs[0].input_len == 374 and reqs[0].output_len == 44
     assert len({r.hashes[0] for r in reqs}) == 100
+
+
+def test_capacity_bound_uses_one_infinite_cache_and_full_utilization():
+    # 0.1 s + 0.001 s (99 of 100 tokens cached) + 0.1 s of work for 3 requests on 1 instance
+    assert capacity_bound_rps(tiny_trace(), LINEAR, instances=1, block_size=4) == pytest.approx(3 / 0.201)
+    assert capacity_bound_rps(tiny_trace(), LINEAR, instances=4, block_size=4) == pytest.approx(12 / 0.201)
