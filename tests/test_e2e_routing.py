@@ -91,9 +91,9 @@ def test_a_queued_request_is_moved_by_live_rebalancing(two_prefill):
         stop_router(router)
     assert all(not isinstance(f, Exception) for f in finals), finals
     moved = [f for f in finals if f.prefill_reason == "rebalance"]
-    stayed = {f.prefill_instance for f in finals if f.prefill_reason != "rebalance"}
-    assert moved and len(stayed) == 1, [(f.prefill_instance, f.prefill_reason, f.timings.queue_ms) for f in finals]
-    assert all(f.prefill_instance not in stayed for f in moved)
+    affine = {f.prefill_instance for f in finals if f.prefill_reason == "affinity"}
+    assert moved and len(affine) == 1, [(f.prefill_instance, f.prefill_reason, f.timings.queue_ms) for f in finals]
+    assert all(f.prefill_instance not in affine for f in moved)  # moved to the conversation's other candidate
     assert router.server.prefill.admission.stats.moved == len(moved)
 
 
