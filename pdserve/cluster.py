@@ -130,6 +130,7 @@ class Cluster:
             env_vars["VLLM_HOST_IP"] = "127.0.0.1"
         actor = ray.remote(cls).options(
             name=name, num_cpus=1, num_gpus=1 if gpu else 0, resources=dict(resources), max_concurrency=1000,
+            max_restarts=self.cfg.faults.max_restarts,
             runtime_env={"env_vars": env_vars},
         ).remote(name, self.cfg.engine, model, self.cfg.kv_transfer)
         return WorkerRef(name, cls.role, actor)

@@ -116,6 +116,24 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """How workers and requests survive failures."""
+
+    max_restarts: int = 3
+    """Times Ray restarts a dead worker actor (its engine reloads; it rejoins its pool once it
+    answers). -1: without limit."""
+    request_retries: int = 2
+    """Per request and leg: prefills retried and decodes migrated after a worker failure."""
+    retry_wait_s: float = 60.0
+    """How long a retry waits for a live instance of its pool (a restarting one, say)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_restarts >= -1, "faults.max_restarts must be >= -1")
+        _require(self.request_retries >= 0, "faults.request_retries must be >= 0")
+        _require(self.retry_wait_s > 0, "faults.retry_wait_s must be > 0")
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """One worker pool (prefill or decode)."""
 
@@ -163,6 +181,8 @@ class ServeConfig:
     """Router blocks and the latency model."""
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """The router-side admission queue and its bounds."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Worker restarts and request retries."""
     metrics_port: int = 9400
     """Port of the router's Prometheus ``/metrics`` endpoint (0 picks a free one, -1 disables)."""
     http_port: int = 8000

@@ -53,6 +53,7 @@ class PrometheusExporter:
         self.kv_time = Histogram("pdserve_kv_transfer_time_seconds", "KV pull on the decode instance, per request.", buckets=LATENCY_BUCKETS, registry=r)
         self.kv_bytes = Histogram("pdserve_kv_transfer_size_bytes", "KV bytes moved per request.", buckets=BYTES_BUCKETS, registry=r)
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "KV pulls that failed (prompt recomputed).", registry=r)
+        self.retries = Counter("pdserve_request_retries", "Worker failures survived: prefill retries, decode migrations.", ["leg"], registry=r)
         self.decisions = Counter("pdserve_router_decisions", "Routing decisions.", ["pool", "policy", "reason"], registry=r)
         self.predicted_ttft = Histogram("pdserve_router_predicted_ttft_seconds", "The prefill policy's TTFT prediction "
                                         "for requests that got their first token.", buckets=LATENCY_BUCKETS, registry=r)
@@ -78,6 +79,10 @@ class PrometheusExporter:
         _observe(self.kv_bytes, rec.kv_transfer_bytes)
         if rec.kv_transfer_failed:
             self.kv_failures.inc()
+        if rec.prefill_retries:
+            self.retries.labels("prefill").inc(rec.prefill_retries)
+        if rec.decode_migrations:
+            self.retries.labels("decode").inc(rec.decode_migrations)
         if rec.outcome is Outcome.FINISHED:
             self._on_finished(rec)
 
@@ -134,6 +139,8 @@ class _PoolCollector:
         usage = GaugeMetricFamily("pdserve_instance_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", labels=labels)
         queries = CounterMetricFamily("pdserve_instance_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=labels)
         hits = CounterMetricFamily("pdserve_instance_prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels)
+        recovered = CounterMetricFamily("pdserve_instance_recoveries", "Times the instance came back after being down.", labels=labels)
+        outage = GaugeMetricFamily("pdserve_instance_last_recovery_seconds", "How long the instance's last outage lasted (time to recovery).", labels=labels)
         for pool in self._pools:
             for s in pool.snapshots():
                 key = [pool.role, s.instance]
@@ -143,7 +150,10 @@ class _PoolCollector:
                 usage.add_metric(key, s.kv_cache_usage)
                 queries.add_metric(key, s.prefix_cache_queries)
                 hits.add_metric(key, s.prefix_cache_hits)
-        return [up, waiting, running, usage, queries, hits]
+                count, seconds = getattr(pool, "recoveries", {}).get(s.instance, (0, 0.0))
+                recovered.add_metric(key, count)
+                outage.add_metric(key, seconds)
+        return [up, waiting, running, usage, queries, hits, recovered, outage]
 
 
 class _AdmissionCollector:

@@ -161,6 +161,10 @@ class RequestRecord:
     tpot_slo_s: float = 0.0
     prefill_instance: str = ""
     decode_instance: str = ""
+    prefill_retries: int = 0
+    """Prefills retried after a worker failure."""
+    decode_migrations: int = 0
+    """Decodes continued on another instance after a worker failure."""
 
     @property
     def tpot_s(self) -> float | None:

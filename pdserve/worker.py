@@ -6,6 +6,7 @@ the driver and the router never import it). Called by the router through Ray act
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Any, AsyncIterator, Awaitable
 
@@ -36,6 +37,10 @@ class EngineWorker:
     async def load(self) -> LoadSnapshot:
         """The engine's latest load (polled by the router)."""
         return self.host.load(self.name)
+
+    async def pid(self) -> int:
+        """This worker's process id (operators, and the fault-injection tests that kill it)."""
+        return os.getpid()
 
     async def external_hits(self) -> tuple[int, int]:
         """Cumulative (queried, loaded) prompt tokens of this engine's KV connector."""

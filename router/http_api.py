@@ -27,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
 from router import openai_protocol as oa
-from router.dispatch import Dispatcher, FinalEvent, TokenEvent
+from router.dispatch import Dispatcher
+from router.legs import FinalEvent, TokenEvent
 from router.settings import ServiceSettings
 
 log = logging.getLogger("pdserve.http")

@@ -14,7 +14,7 @@ from typing import Any
 
 from pdserve.types import InvalidRequestError
 from protos import pdserve_v1_pb2 as pb
-from router.dispatch import FinalEvent
+from router.legs import FinalEvent
 
 VENDOR = "pdserve"
 VENDOR_FIELDS = {"ttft_ms", "tpot_ms", "priority", "top_k", "ignore_eos"}

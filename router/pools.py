@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,9 @@ class WorkerPool:
         self._workers = {w.name: w for w in workers}
         self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
         self._helper_turn = 0
+        self._down_since: dict[str, float] = {}
+        self.recoveries: dict[str, tuple[int, float]] = {}
+        """Per worker: times it came back after being down, and how long the last outage lasted (s)."""
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -77,12 +81,20 @@ class WorkerPool:
     def mark_dead(self, name: str) -> None:
         """Take a worker out of routing until a refresh finds it alive."""
         self._loads[name] = replace(self._loads[name], alive=False)
+        self._down_since.setdefault(name, time.monotonic())
 
     async def refresh(self, timeout_s: float) -> None:
-        """Poll every worker's load once, bounded by ``timeout_s``."""
+        """Poll every worker's load once, bounded by ``timeout_s``; log and count recoveries."""
         names = list(self._workers)
         results = await asyncio.gather(*(self._poll(n, timeout_s) for n in names))
         for name, snap in zip(names, results):
+            if not snap.alive:
+                self._down_since.setdefault(name, time.monotonic())
+            elif name in self._down_since:
+                outage = time.monotonic() - self._down_since.pop(name)
+                count, _ = self.recoveries.get(name, (0, 0.0))
+                self.recoveries[name] = (count + 1, outage)
+                log.warning("%s is back after %.1f s", name, outage)
             self._loads[name] = snap
 
     async def _poll(self, name: str, timeout_s: float) -> LoadSnapshot:

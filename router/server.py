@@ -18,7 +18,8 @@ from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outco
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
-from router.dispatch import Dispatcher, FinalEvent, TokenEvent, router_block_tokens
+from router.dispatch import Dispatcher
+from router.legs import FinalEvent, TokenEvent, router_block_tokens
 from router.health import API_SERVICE, HealthReporter
 from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
@@ -133,7 +134,8 @@ def _to_proto(request_id: str, event: TokenEvent | FinalEvent) -> pb.GenerateRes
                        cached_prompt_tokens=e.cached_tokens),
         timings=pb.Timings(queue_ms=e.queue_ms, prefill_ms=e.prefill_ms, kv_transfer_ms=e.kv_transfer_ms,
                            ttft_ms=e.ttft_ms, e2e_ms=e.e2e_ms, kv_transfer_bytes=e.kv_transfer_bytes),
-        prefill_instance=e.prefill_instance, decode_instance=e.decode_instance, prefill_reason=e.prefill_reason)
+        prefill_instance=e.prefill_instance, decode_instance=e.decode_instance, prefill_reason=e.prefill_reason,
+        prefill_retries=e.prefill_retries, decode_migrations=e.decode_migrations)
 
 
 class _Malformed:
@@ -187,7 +189,8 @@ class RouterServer:
         self.decode = None if colocated else WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx),
                                                         self.stats.record_decision)
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
-                                     self.stats.record_request, block)
+                                     self.stats.record_request, block, settings.faults.request_retries,
+                                     settings.faults.retry_wait_s)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdserve.config import AdmissionConfig, RoutingConfig, ServeConfig
+from pdserve.config import AdmissionConfig, FaultConfig, RoutingConfig, ServeConfig
 from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel
 from pdserve.types import ModelInfo
 from protos import pdserve_v1_pb2 as pb
@@ -37,13 +37,14 @@ class ServiceSettings:
     """The OpenAI-compatible HTTP front end's port (0: a free one; -1: off)."""
     max_prompt_bytes: int = 0
     """Text prompts over this many bytes are refused before tokenizing (0: 64 x the context)."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
         """The subset of a deployment's config the router uses."""
         return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
                    cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode, dict(cfg.prefill.policy_params), cfg.routing,
-                   cfg.admission, cfg.reflection, cfg.http_port, cfg.max_prompt_bytes)
+                   cfg.admission, cfg.reflection, cfg.http_port, cfg.max_prompt_bytes, cfg.faults)
 
     def parse(self, msg: pb.GenerateRequest, model: ModelInfo) -> RouterRequest:
         """Validate a request against this deployment's limits (``router.validate``) and give it

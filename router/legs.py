@@ -1,0 +1,145 @@
+"""What the request path produces and keeps per request: the events it streams (``TokenEvent``,
+``FinalEvent``), the outstanding legs on the workers (``Legs``), the record it emits, and the helpers
+that turn Ray's errors into pdserve's. Used by ``router.dispatch`` and the front ends."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from kv_transfer.handle import KvHandle
+from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
+                           RequestState)
+from router.admission import Ticket
+from router.request import RouterRequest
+
+
+class WorkerFailedError(NoInstanceError):
+    """A worker died or failed mid-request (gRPC UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens for the client."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    """The request ended normally; usage and timings."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    kv_transfer_ms: float
+    kv_transfer_bytes: int
+    ttft_ms: float
+    e2e_ms: float
+    prefill_instance: str
+    decode_instance: str = ""
+    prefill_reason: str = ""
+    prefill_retries: int = 0
+    """Prefills retried on another (or the restarted) instance after a worker failure."""
+    decode_migrations: int = 0
+    """Decodes continued on another instance after a worker failure."""
+
+
+@dataclass
+class Legs:
+    """What of a request is outstanding on the workers (for cleanup) and what it produced (for
+    its record)."""
+
+    prefill: Any = None
+    prefill_ref: Any = None
+    handle: KvHandle | None = None
+    decode: Any = None
+    decode_done: bool = False
+    result: Any = None
+    finish: str = ""
+    completion: int = 0
+    kv: dict = field(default_factory=dict)
+    gaps: list[float] = field(default_factory=list)
+    last_token_at: float = 0.0
+    predicted_ttft_s: float | None = None
+    ticket: Ticket | None = None
+    sent: list[int] = field(default_factory=list)
+    """Token ids the client has received (a decode migration continues after them)."""
+    decode_id: str = ""
+    """The decode engine's id of the request (a migration gets a new one)."""
+    prefill_retries: int = 0
+    decode_migrations: int = 0
+
+    def tokens_sent(self, count: int) -> None:
+        """Account ``count`` tokens sent now (gaps are spread evenly over a message's tokens)."""
+        now = time.perf_counter()
+        if self.completion and count:
+            self.gaps += [(now - self.last_token_at) / count] * count
+        self.completion += count
+        self.last_token_at = now
+
+
+async def await_worker(pool: Any, worker: Any, ref: Any) -> Any:
+    """Await a worker call; an InvalidRequestError raised there is re-raised as itself."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, InvalidRequestError):
+            raise InvalidRequestError(str(cause)) from None
+        raise WorkerFailedError(f"{worker.name} failed: {cause or err}".splitlines()[0]) from None
+    except ray.exceptions.RayError as err:
+        pool.mark_dead(worker.name)
+        raise WorkerFailedError(f"{worker.name} is unavailable: {type(err).__name__}") from None
+
+
+async def quiet(ref: Any) -> Any:
+    try:
+        return await ref
+    except Exception:
+        return None
+
+
+_OUTCOME = {RequestState.FINISHED: Outcome.FINISHED, RequestState.CANCELLED: Outcome.CANCELLED,
+            RequestState.REJECTED: Outcome.REJECTED, RequestState.FAILED: Outcome.FAILED}
+
+
+def request_record(req: RouterRequest, legs: Legs) -> RequestRecord:
+    """The request's record for the stats, whatever way it ended."""
+    def seconds(name: str) -> float | None:
+        return req.since_arrival_ms(name) / 1e3 if name in req.marks else None
+
+    result, kv = legs.result, legs.kv
+    return RequestRecord(
+        outcome=_OUTCOME.get(req.state, Outcome.FAILED), finish_reason=legs.finish if req.state is RequestState.FINISHED else "",
+        prompt_tokens=result.num_prompt_tokens if result else 0, completion_tokens=legs.completion,
+        queue_s=seconds(RequestState.PREFILLING.value), prefill_s=result.prefill_ms / 1e3 if result else None,
+        ttft_s=seconds("first_token"), e2e_s=seconds(RequestState.FINISHED.value), inter_token_s=tuple(legs.gaps),
+        kv_transfer_s=kv["ms"] / 1e3 if "ms" in kv else None, kv_transfer_bytes=kv.get("bytes"),
+        kv_transfer_failed=bool(kv.get("failed")), predicted_ttft_s=legs.predicted_ttft_s,
+        ttft_slo_s=req.ttft_slo_ms / 1e3, tpot_slo_s=req.tpot_slo_ms / 1e3,
+        prefill_instance=legs.prefill.name if legs.prefill else "", decode_instance=legs.decode.name if legs.decode else "",
+        prefill_retries=legs.prefill_retries, decode_migrations=legs.decode_migrations)
+
+
+def router_block_tokens(model: ModelInfo, configured: int = 0) -> int:
+    """Tokens per router block: ``configured``, or min(512, context / 16) rounded down to a multiple
+    of the engine's KV block (at least one engine block)."""
+    if configured:
+        return configured
+    return max(model.block_size, min(512, model.max_model_len // 16) // model.block_size * model.block_size)
+
+
+def terminal_state(err: BaseException) -> RequestState:
+    if isinstance(err, (asyncio.CancelledError, TimeoutError, GeneratorExit)):
+        return RequestState.CANCELLED
+    if isinstance(err, (InvalidRequestError, OverloadedError)):
+        return RequestState.REJECTED
+    return RequestState.FAILED
