@@ -70,12 +70,8 @@ async def own_errors(call: Awaitable[Any]) -> Any:
     value the engine rejects (a ValueError), WorkerError otherwise."""
     try:
         return await call
-    except InvalidRequestError:
-        raise
-    except ValueError as err:
-        raise InvalidRequestError(_one_line(err)) from None
     except Exception as err:
-        raise WorkerError(_one_line(err)) from None
+        raise _own(err) from None
 
 
 async def own_errors_stream(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -83,16 +79,16 @@ async def own_errors_stream(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
     try:
         async for item in stream:
             yield item
-    except InvalidRequestError:
-        raise
-    except ValueError as err:
-        raise InvalidRequestError(_one_line(err)) from None
     except Exception as err:
-        raise WorkerError(_one_line(err)) from None
+        raise _own(err) from None
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".splitlines()[0][:500]
+def _own(err: Exception) -> Exception:
+    """pdserve's own exception for ``err`` (one line, no vLLM or torch type inside)."""
+    if isinstance(err, InvalidRequestError):
+        return err
+    line = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+    return InvalidRequestError(line) if isinstance(err, ValueError) else WorkerError(line)
 
 
 def _free_port(host: str) -> int:

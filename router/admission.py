@@ -26,6 +26,7 @@ from typing import Any, Callable
 from pdserve.config import AdmissionConfig
 from pdserve.types import OverloadedError, RouteDecision
 from router.policies import Choice, InstanceQueue, QueuedRequest, RouteRequest
+from router.policies.base import REBALANCE_WINDOW
 
 
 @dataclass(eq=False)
@@ -166,10 +167,11 @@ class AdmissionQueue:
         now, views = time.perf_counter(), []
         by_id = {t.route.request_id: t for q in self._queued.values() for t in q}
         for name in sorted(live):
-            running = self.load_running(name, now)
-            items = tuple(QueuedRequest(t.route, t.prefill_s, now - t.admitted)
-                          for t in sorted(self._queued.get(name, []), key=Ticket.order))
-            views.append(InstanceQueue(name, running, items))
+            queued = sorted(self._queued.get(name, []), key=Ticket.order)
+            head, tail = queued[:-REBALANCE_WINDOW], queued[-REBALANCE_WINDOW:]
+            busy = self.load_running(name, now) + sum(t.prefill_s for t in head)
+            views.append(InstanceQueue(name, busy, tuple(QueuedRequest(t.route, t.prefill_s, now - t.admitted)
+                                                         for t in tail)))
         moves = self.policy.rebalance(views)
         for move in moves:
             self._move(by_id[move.request_id], move.target, move.prefill_s)

@@ -13,6 +13,7 @@ queued, not-started requests.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +21,7 @@ from pdserve.sim.traces import TraceRequest
 from pdserve.types import LoadSnapshot
 from router.latency import LatencyModel
 from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
+from router.policies.base import REBALANCE_WINDOW
 
 ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE = range(5)
 
@@ -47,7 +49,8 @@ class SimConfig:
     decode_kv_tokens: int = 46_592
     """KV capacity of one decode instance, tokens (1 GiB on CPU)."""
     rebalance_interval_s: float = 1.0
-    """How often policies with ``rebalance`` are consulted."""
+    """How often policies with ``rebalance`` are consulted: this, or 1/100 of the TTFT SLO if
+    longer (the live router's 250 ms poll against seconds of SLO)."""
     warmup: int = 0
     """Leading requests excluded from attainment (they run, warming caches, but are not scored)."""
     seed: int = 0
@@ -146,8 +149,9 @@ class ClusterSim:
         self._arrivals = [r.arrival_s / scale for r in requests]
         for i, arrival in enumerate(self._arrivals):
             self._push(arrival, ARRIVE, i)
+        self._rebalance_every = max(self.cfg.rebalance_interval_s, self.cfg.ttft_slo_s / 100)
         if hasattr(self._p_policy, "rebalance"):
-            self._push(self.cfg.rebalance_interval_s, REBALANCE, 0)
+            self._push(self._rebalance_every, REBALANCE, 0)
         self._loop()
         return RunResult(scale, self._ttft, self._tpot, self._cached, self._input,
                          [p.busy_s for p in self._prefills], self._decisions, self.cfg.ttft_slo_s, self.cfg.warmup)
@@ -242,13 +246,20 @@ class ClusterSim:
     # ---- rebalancing -------------------------------------------------------------------------
     def _rebalance(self, t: float, _: int, __: int) -> None:
         if any(p.queue for p in self._prefills):  # nothing to move otherwise
-            queues = [InstanceQueue(p.name, max(0.0, p.busy_until - t),
-                                    tuple(QueuedRequest(q.route, q.predicted_s, t - self._arrivals[q.i]) for q in p.queue))
-                      for p in self._prefills]
+            queues = [self._window(p, t) for p in self._prefills]
             for move in self._p_policy.rebalance(queues):
                 self._move(t, int(move.request_id), _index(move.target), move.prefill_s)
         if len(self._events) > 0:
-            self._push(t + self.cfg.rebalance_interval_s, REBALANCE, 0)
+            self._push(t + self._rebalance_every, REBALANCE, 0)
+
+    def _window(self, p: _Prefill, t: float) -> InstanceQueue:
+        """The rebalancer's view of ``p``: its last queued requests, the rest folded into busy_s."""
+        if not p.queue:
+            return InstanceQueue(p.name, max(0.0, p.busy_until - t))
+        tail = list(itertools.islice(reversed(p.queue), REBALANCE_WINDOW))[::-1]
+        ahead = p.queued_s - sum(q.predicted_s for q in tail)
+        return InstanceQueue(p.name, max(0.0, p.busy_until - t) + max(0.0, ahead),
+                             tuple(QueuedRequest(q.route, q.predicted_s, t - self._arrivals[q.i]) for q in tail))
 
     def _move(self, t: float, i: int, target: int, predicted_s: float) -> None:
         for p in self._prefills:

@@ -76,10 +76,16 @@ class QueuedRequest:
     """Seconds since the request arrived (its TTFT so far)."""
 
 
+REBALANCE_WINDOW = 64
+"""Queued requests per instance a rebalancing round looks at: the last ones (the candidates with the
+largest gains); the work queued ahead of them is folded into ``InstanceQueue.busy_s``."""
+
+
 @dataclass(frozen=True)
 class InstanceQueue:
-    """One prefill instance's work as the router sees it: the predicted seconds still to run of what
-    the engine already has (``busy_s``), then the router-side queue in service order."""
+    """One prefill instance's work as the router sees it: the predicted seconds before the listed
+    requests can start (what the engine already runs, plus queued requests ahead of the window),
+    then the last ``REBALANCE_WINDOW`` queued requests in service order."""
 
     instance: str
     busy_s: float

@@ -132,6 +132,9 @@ class DualMapPolicy:
         if not self.rebalance_on:
             return []
         wait = {q.instance: q.wait_s() for q in queues}
+        slo_s = self._slo_s(RouteRequest("", (), 0))
+        if slo_s and min(wait.values(), default=slo_s) >= slo_s:
+            return []  # every instance is past the SLO already: no move can meet it
         moves: list[Move] = []
         for q in sorted(queues, key=lambda q: -wait[q.instance]):
             if _violations(q, self._slo_s):
@@ -144,7 +147,8 @@ class DualMapPolicy:
         for item in q.items:
             done += item.prefill_s
             alt = self._alternate(item.request.request_id, q.instance)
-            if alt in wait:
+            slo_s = self._slo_s(item.request)
+            if alt in wait and not (slo_s and item.waited_s + wait[alt] >= slo_s):  # else it cannot fit there
                 there = self.prefill_s(item.request, alt)
                 options.append((done - (wait[alt] + there), item, alt, there))
         moves, remaining = [], list(q.items)
