@@ -23,15 +23,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 HTTP_PORT ?= 8000
-CURL := curl -s http://127.0.0.1:$(HTTP_PORT)/v1/chat/completions -H 'Content-Type: application/json' \
-	-d '{"model": "SmolLM2-135M-Instruct", "max_tokens": 32, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+CURL := curl -s http://127.0.0.1:$(HTTP_PORT)/v1/chat/completions -H "Content-Type: application/json" -d "{\"model\": \"SmolLM2-135M-Instruct\", \"max_tokens\": 32, \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}"
 
 run: setup
 	@set -u; $(VENV)/bin/pdserve serve --config deploy/local.yaml --port $(PORT) --http-port $(HTTP_PORT) & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
 	$(VENV)/bin/pdserve health --target 127.0.0.1:$(PORT) --wait 600 && \
 	$(VENV)/bin/pdserve generate --target 127.0.0.1:$(PORT) --max-tokens 48 "What is the capital of France?" && \
-	echo "The OpenAI-compatible API, while pdserve serve runs:" && echo "$(CURL)" && $(CURL) && echo
+	echo "The OpenAI-compatible API, while pdserve serve runs:" && echo '$(CURL)' && \
+	{ command -v curl >/dev/null && $(CURL) && echo || echo "(curl is not installed here)"; }
 
 test: setup test-tools
 	$(PY) -m pytest -v tests

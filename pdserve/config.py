@@ -95,9 +95,11 @@ class RoutingConfig:
 class AdmissionConfig:
     """The router-side admission queue in front of the prefill engines (``router/admission.py``)."""
 
-    max_engine_prompts: int = 2
-    """Prompts one engine prefills at a time; the rest wait in the router, by priority then arrival."""
-    max_engine_tokens: int = 4096
+    max_engine_prompts: int = 8
+    """Prompts one engine prefills at a time; the rest wait in the router, by priority then arrival.
+    (2 cost the disaggregated prefill engine throughput at 13 req/s in docs/performance.md: vLLM
+    batches the prefills it has.)"""
+    max_engine_tokens: int = 8192
     """Uncached prompt tokens one engine has at a time (a single prompt always fits)."""
     max_queued_requests: int = 512
     """Requests waiting in the router over all instances; past it, RESOURCE_EXHAUSTED."""
