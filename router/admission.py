@@ -44,7 +44,6 @@ class Ticket:
     started: float | None = None
     reason: str = ""
     """The routing decision's reason (``rebalance`` once moved)."""
-    moves: int = 0
     predicted_ttft_s: float = 0.0
     """The admission's TTFT prediction: the instance's queued work plus this prefill."""
     engine_idle: bool = False
@@ -79,16 +78,13 @@ class AdmissionQueue:
     # ---- accounting the policies see ---------------------------------------------------------
     def load(self, instance: str) -> tuple[int, float]:
         """(uncached prompt tokens, predicted seconds) routed to ``instance`` and not prefilled."""
-        now, tickets = time.perf_counter(), self._tickets(instance)
-        seconds = sum(t.prefill_s if t.started is None else max(0.0, t.prefill_s - (now - t.started)) for t in tickets)
-        return sum(t.uncached for t in tickets), seconds
+        queued, running = self._queued.get(instance, []), self._running.get(instance, [])
+        seconds = self.load_running(instance, time.perf_counter()) + sum(t.prefill_s for t in queued)
+        return sum(t.uncached for t in running) + sum(t.uncached for t in queued), seconds
 
     def queued(self) -> int:
         """Requests waiting in the router (all instances)."""
         return sum(len(q) for q in self._queued.values())
-
-    def _tickets(self, instance: str) -> list[Ticket]:
-        return self._running.get(instance, []) + self._queued.get(instance, [])
 
     # ---- the request path --------------------------------------------------------------------
     def admit(self, route: RouteRequest, priority: int, choice: Choice, slo_s: float, in_flight: int) -> Ticket:
@@ -184,7 +180,6 @@ class AdmissionQueue:
     def _move(self, ticket: Ticket, target: str, prefill_s: float) -> None:
         self._queued[ticket.instance].remove(ticket)
         ticket.instance, ticket.prefill_s, ticket.reason = target, prefill_s, "rebalance"
-        ticket.moves += 1
         self.stats.moved += 1
         self._queued.setdefault(target, []).append(ticket)
         self._on_decision(RouteDecision(self.pool, getattr(self.policy, "name", ""), target, "rebalance"))

@@ -26,6 +26,14 @@ ROUTER_SERVICE = "pdserve.router"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def pools_status(pools: Sequence[Any]) -> tuple[bool, str]:
+    """Whether every pool has a live instance, and a one-line detail saying which do not."""
+    missing = [p.role for p in pools if not p.live()]
+    if missing:
+        return False, f"no live instance in pool(s): {', '.join(missing)}"
+    return True, "all pools have a live instance"
+
+
 def pool_service(role: str) -> str:
     """The health service name of a pool (``pdserve.prefill``, ...)."""
     return f"pdserve.{role}"
@@ -47,11 +55,9 @@ class HealthReporter:
 
     async def update(self) -> None:
         """Set every service's status from the pools' latest snapshots."""
-        ready = True
         for pool in self.pools:
-            live = bool(pool.live())
-            ready = ready and live
-            await self.servicer.set(pool_service(pool.role), SERVING if live else NOT_SERVING)
+            await self.servicer.set(pool_service(pool.role), SERVING if pool.live() else NOT_SERVING)
+        ready, _ = pools_status(self.pools)
         for service in ("", API_SERVICE):
             await self.servicer.set(service, SERVING if ready else NOT_SERVING)
         await self.servicer.set(ROUTER_SERVICE, SERVING)

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
 from router import openai_protocol as oa
 from router.dispatch import Dispatcher
+from router.health import pools_status
 from router.legs import FinalEvent, TokenEvent
 from router.settings import ServiceSettings
 
@@ -96,10 +97,8 @@ class HttpFrontEnd:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "pdserve"}]}
 
     async def _health(self) -> Response:
-        missing = [p.role for p in self.dispatcher.pools if not p.live()]
-        if missing:
-            return JSONResponse({"status": "NOT_SERVING", "detail": f"no live instance in pool(s): {', '.join(missing)}"}, 503)
-        return JSONResponse({"status": "SERVING", "detail": "all pools have a live instance"})
+        serving, detail = pools_status(self.dispatcher.pools)
+        return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING", "detail": detail}, 200 if serving else 503)
 
     async def _metrics(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -52,12 +52,6 @@ class LatencyModel:
             return cls(tuple(coef["prefill"]), tuple(coef["decode"]), data["origin"])
         return cls.fit([tuple(p) for p in data["prefill"]], [tuple(p) for p in data["decode"]], data["origin"])
 
-    def scaled(self, factor: float) -> LatencyModel:
-        """The same model with every prefill and decode time multiplied by ``factor`` (the online
-        refit's correction)."""
-        return LatencyModel(tuple(factor * v for v in self.prefill), tuple(factor * v for v in self.decode),
-                            f"{self.origin} (x{factor:.3g}, refit online)")
-
     def to_dict(self) -> dict:
         """JSON-ready coefficients."""
         return asdict(self)
@@ -78,6 +72,12 @@ def _lstsq(rows: list[tuple[float, float, float]], ys: list[float]) -> list[floa
                 f = m[r][col] / m[col][col]
                 m[r] = [a - f * b for a, b in zip(m[r], m[col])]
     return [(m[i][3] / m[i][i] if abs(m[i][i]) > 1e-12 else 0.0) / scale[i] for i in range(3)]
+
+
+def profile_path(name: str) -> Path:
+    """A latency profile's file: ``NAME`` under ``deploy/profiles`` (without .json), or a path."""
+    named = DEFAULT_PROFILE.parent / f"{name}.json"
+    return named if named.is_file() else Path(name)
 
 
 class OnlineLatencyModel:

@@ -20,7 +20,7 @@ from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
 from router.dispatch import Dispatcher
 from router.legs import FinalEvent, TokenEvent, router_block_tokens
-from router.health import API_SERVICE, HealthReporter
+from router.health import API_SERVICE, HealthReporter, pools_status
 from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
 from router.settings import ServiceSettings, latency_model
@@ -101,11 +101,9 @@ class PdServeService(pb_grpc.PdServeServicer):
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
         pools = self.dispatcher.pools
         await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in pools))
-        missing = [p.role for p in pools if not p.live()]
-        if missing:
-            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING,
-                                     detail=f"no live instance in pool(s): {', '.join(missing)}")
-        return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail="all pools have a live instance")
+        serving, detail = pools_status(pools)
+        status = pb.HealthResponse.SERVING if serving else pb.HealthResponse.NOT_SERVING
+        return pb.HealthResponse(status=status, detail=detail)
 
     async def ServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfoResponse:
         pools = [_pool_info(p, self.stats) for p in self.dispatcher.pools]

@@ -4,16 +4,13 @@ deployment's config, and the live latency model it names. Built by ``pdserve ser
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pdserve.config import AdmissionConfig, FaultConfig, RoutingConfig, ServeConfig
-from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel
 from pdserve.types import ModelInfo
 from protos import pdserve_v1_pb2 as pb
+from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel, profile_path
 from router.request import RouterRequest
 from router.validate import parse_request
-
-PROFILES_DIR = DEFAULT_PROFILE.parent
 
 
 @dataclass(frozen=True)
@@ -50,21 +47,16 @@ class ServiceSettings:
         """Validate a request against this deployment's limits (``router.validate``) and give it
         the deployment's SLO targets where it set none. Raises InvalidRequestError."""
         req = parse_request(msg, self.max_prompt_bytes or 64 * model.max_model_len, model.max_model_len)
-        self.apply_defaults(req)
-        return req
-
-    def apply_defaults(self, req: RouterRequest) -> None:
-        """Give a parsed request the deployment's SLO targets where it set none."""
         req.ttft_slo_ms = req.ttft_slo_ms or self.slo_ttft_ms
         req.tpot_slo_ms = req.tpot_slo_ms or self.slo_tpot_ms
+        return req
 
 
 def latency_model(routing: RoutingConfig) -> OnlineLatencyModel:
     """The live latency model: the configured profile (``auto``: the shipped CPU one), refitted
     online from observed prefill times unless ``refit_latency`` is off."""
     name = routing.latency_profile
-    path = DEFAULT_PROFILE if name == "auto" else PROFILES_DIR / f"{name}.json"
-    path = path if path.is_file() else Path(name)
+    path = DEFAULT_PROFILE if name == "auto" else profile_path(name)
     if not path.is_file():
-        raise ValueError(f"latency profile {name!r} not found (a name under {PROFILES_DIR} or a path)")
+        raise ValueError(f"latency profile {name!r} not found (a name under {DEFAULT_PROFILE.parent} or a path)")
     return OnlineLatencyModel(LatencyModel.load(path), refit=routing.refit_latency)

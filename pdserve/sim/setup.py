@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from pdserve.config import ConfigError, from_dict
+from router.latency import profile_path
 
 SETUPS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "sim"
 
@@ -65,8 +66,7 @@ class SimSetup:
 
     def profile_path(self) -> Path:
         """The latency profile's file."""
-        named = SETUPS_DIR.parent / "profiles" / f"{self.profile}.json"
-        return named if named.is_file() else Path(self.profile)
+        return profile_path(self.profile)
 
 
 def load_setup(name_or_path: str, overrides: dict | None = None) -> SimSetup:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pdserve.sim.cluster import ClusterSim, RunResult, SimConfig
 from pdserve.sim.traces import TraceRequest
 from router.latency import LatencyModel
+from router.policies.base import cached_tokens
 
 TARGET = 0.9
 
@@ -61,7 +62,7 @@ def capacity_bound_rps(requests: list[TraceRequest], latency: LatencyModel, inst
     work = 0.0
     for r in requests:
         hit = next((i for i, h in enumerate(r.hashes) if h not in seen), len(r.hashes))
-        cached = min(hit * block_size, r.input_len - 1)
+        cached = cached_tokens(r.input_len, hit, block_size)
         work += latency.prefill_s(r.input_len - cached, cached)
         seen.update(r.hashes)
     return instances * len(requests) / work

@@ -133,6 +133,12 @@ def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int) -> tupl
     return tuple(out)
 
 
+def cached_tokens(num_tokens: int, hit_blocks: int, block_size: int) -> int:
+    """Prompt tokens a cached prefix of ``hit_blocks`` blocks saves: at least one token of the
+    prompt is always computed (the engine needs its logits)."""
+    return min(hit_blocks * block_size, max(num_tokens - 1, 0))
+
+
 def load_key(s: LoadSnapshot) -> tuple[float, ...]:
     """How loaded a prefill candidate is: queued prefill work first, then requests."""
     return (s.queued_prefill_s, s.pending_prefill_tokens, s.waiting + s.running, s.instance)

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from typing import Callable, Sequence
 
 from pdserve.types import LoadSnapshot
-from router.policies.base import Choice, InstanceQueue, Move, PolicyContext, RouteRequest
+from router.policies.base import Choice, InstanceQueue, Move, PolicyContext, RouteRequest, cached_tokens
 from router.policies.hashring import HashRing, stable_hash
 from router.policies.hotness import HotnessTree
 from router.policies.prefix_index import PrefixIndexes
@@ -92,25 +92,27 @@ class DualMapPolicy:
     def predicted_ttft_s(self, request: RouteRequest, c: LoadSnapshot, hit_blocks: int) -> float:
         """Queue wait on ``c`` plus this request's own uncached prefill after its cached prefix
         (token counts if no latency model)."""
-        cached = self._cached(request, hit_blocks)
-        uncached = request.num_tokens - cached
-        model = self.ctx.latency
+        model, own = self.ctx.latency, self._own_s(request, hit_blocks)
         if model is None:
-            return float(c.pending_prefill_tokens + uncached)
+            return c.pending_prefill_tokens + own
         if self.queue_estimate:
             wait = c.queued_prefill_s
         else:  # the old estimate: queued tokens at this request's own per-token cost
             wait = c.pending_prefill_tokens * model.prefill_s(request.num_tokens) / max(request.num_tokens, 1)
-        return wait + model.prefill_s(uncached, cached)
+        return wait + own
 
     def prefill_s(self, request: RouteRequest, instance: str) -> float:
         """Predicted prefill seconds of ``request`` on ``instance`` alone (its cached prefix there)."""
-        cached = self._cached(request, self.indexes[instance].match(request.block_hashes))
+        return self._own_s(request, self.indexes[instance].match(request.block_hashes))
+
+    def _own_s(self, request: RouteRequest, hit_blocks: int) -> float:
+        """The request's own prefill after ``hit_blocks`` cached blocks (uncached tokens if no model)."""
+        cached = self._cached(request, hit_blocks)
         model = self.ctx.latency
         return model.prefill_s(request.num_tokens - cached, cached) if model else float(request.num_tokens - cached)
 
     def _cached(self, request: RouteRequest, hit_blocks: int) -> int:
-        return min(hit_blocks * self.ctx.block_size, max(request.num_tokens - 1, 0))
+        return cached_tokens(request.num_tokens, hit_blocks, self.ctx.block_size)
 
     def _slo_s(self, request: RouteRequest) -> float:
         return (request.ttft_slo_ms or self.ctx.ttft_slo_ms) / 1e3
@@ -132,7 +134,7 @@ class DualMapPolicy:
         if not self.rebalance_on:
             return []
         wait = {q.instance: q.wait_s() for q in queues}
-        slo_s = self._slo_s(RouteRequest("", (), 0))
+        slo_s = self.ctx.ttft_slo_ms / 1e3
         if slo_s and min(wait.values(), default=slo_s) >= slo_s:
             return []  # every instance is past the SLO already: no move can meet it
         moves: list[Move] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pdserve.types import LoadSnapshot
-from router.policies.base import Choice, PolicyContext, RouteRequest
+from router.policies.base import Choice, PolicyContext, RouteRequest, cached_tokens
 from router.policies.prefix_index import PrefixIndexes
 
 
@@ -28,7 +28,7 @@ class MinTtftPolicy:
 
     def _ttft(self, request: RouteRequest, c: LoadSnapshot) -> tuple[float, int]:
         hit = self.indexes[c.instance].match(request.block_hashes)
-        cached = min(hit * self.ctx.block_size, max(request.num_tokens - 1, 0))
+        cached = cached_tokens(request.num_tokens, hit, self.ctx.block_size)
         model = self.ctx.latency
         if model is None:
             return float(c.pending_prefill_tokens + request.num_tokens - cached), cached
