@@ -27,7 +27,7 @@ CURL := curl -s http://127.0.0.1:$(HTTP_PORT)/v1/chat/completions -H "Content-Ty
 
 run: setup
 	@set -u; $(VENV)/bin/pdserve serve --config deploy/local.yaml --port $(PORT) --http-port $(HTTP_PORT) & pid=$$!; \
-	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid; $(VENV)/bin/pdserve stop >/dev/null' EXIT; \
 	$(VENV)/bin/pdserve health --target 127.0.0.1:$(PORT) --wait 600 && \
 	$(VENV)/bin/pdserve generate --target 127.0.0.1:$(PORT) --max-tokens 48 "What is the capital of France?" && \
 	echo "The OpenAI-compatible API, while pdserve serve runs:" && echo '$(CURL)' && \

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 class PdserveConnector(KVConnectorBase_V1):
-    """Pull-based KV transfer over gRPC (see the package docstring for the design)."""
+    """Pull-based KV transfer (see the package docstring for the design)."""
 
     _cache_hit_source = CacheHitSource.P2P
 
@@ -44,7 +44,8 @@ class PdserveConnector(KVConnectorBase_V1):
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = SchedulerSide(settings, vllm_config.cache_config.block_size, producer)
+            self._sched = SchedulerSide(settings, vllm_config.cache_config.block_size, producer,
+                                        vllm_config.parallel_config.tensor_parallel_size)
         else:
             self._worker = WorkerSide(settings, kv_cache_config.num_blocks, producer)
 
@@ -52,10 +53,16 @@ class PdserveConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Take this step's holds, cancels and pulls here, before the forward pass (vLLM calls
+        ``start_load_kv`` after it when every load is asynchronous, which would delay each pull
+        and each hold by one forward)."""
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, PdserveConnectorMeta)
+        self._worker.start_step(connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, PdserveConnectorMeta)
-        self._worker.start_step(meta)
+        """Nothing left to start: ``bind_connector_metadata`` started this step's work."""
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: loads are asynchronous and finish before the request runs."""

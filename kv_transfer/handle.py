@@ -31,6 +31,13 @@ class KvHandle:
     block_size: int
     secret: str = ""
     """The per-transfer secret: the KV server answers only calls that carry it."""
+    transport: str = "grpc"
+    """The transport that carries the bytes (``kv_transfer.transports``); ``port`` is always the
+    gRPC control server (release, renew)."""
+    data_port: int = 0
+    """The transport's own port, when it has one (``tcp``)."""
+    tp_size: int = 1
+    """Tensor-parallel ranks of the prefill engine: rank r serves its shard on port + r."""
 
     def to_params(self) -> dict[str, Any]:
         """The dict form carried in vLLM's ``kv_transfer_params``."""

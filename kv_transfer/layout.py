@@ -8,7 +8,9 @@ as both run the same model, dtype and backend (which a deployment guarantees).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from typing import Iterable, Iterator
 
 import torch
 
@@ -24,14 +26,17 @@ class KvLayout:
         self.layer_names = sorted(kv_caches)
         self._tensors = [kv_caches[name] for name in self.layer_names]
         self._block_dims = [_block_dim(t, num_blocks, n) for t, n in zip(self._tensors, self.layer_names)]
+        self._memory = [_memory_order(t, d) for t, d in zip(self._tensors, self._block_dims)]
         self.num_blocks = num_blocks
+        self.device = self._tensors[0].device if self._tensors else torch.device("cpu")
+        """Where the cache lives (cpu or cuda); transports pick their backend by it."""
         self.fingerprint = self._fingerprint(identity)
         """What a peer's layout must equal for these bytes to mean the same KV: ``identity`` (model,
         tensor-parallel rank and size) plus every layer's name, dtype and per-block shape."""
 
     def _fingerprint(self, identity: str) -> str:
-        layers = [(name, str(t.dtype), [s if i != d else -1 for i, s in enumerate(t.shape)], d)
-                  for name, t, d in zip(self.layer_names, self._tensors, self._block_dims)]
+        layers = [(name, str(t.dtype), [s if i != d else -1 for i, s in enumerate(t.shape)], d, order)
+                  for name, t, d, (_, order) in zip(self.layer_names, self._tensors, self._block_dims, self._memory)]
         return hashlib.sha256(json.dumps([identity, layers]).encode()).hexdigest()[:32]
 
     @property
@@ -42,6 +47,29 @@ class KvLayout:
     def block_bytes(self) -> int:
         """Bytes of one block across all layers."""
         return sum(t.numel() // t.shape[d] * t.element_size() for t, d in zip(self._tensors, self._block_dims))
+
+    def pieces(self, layer: int, block_ids: list[int], cuts: Iterable[int] = ()) -> Iterator[torch.Tensor]:
+        """Views of the given blocks of one layer that together cover their bytes once, in an order
+        equal layouts agree on: per index of the dimensions stored outside the block axis, one view
+        per segment of ``block_ids`` (a new segment starts at every position in ``run_starts`` and
+        in ``cuts``), so one view per run of consecutive ids when the cache is block-major in
+        memory. A peer that passes the other side's run starts as ``cuts`` gets views of the same
+        sizes (message-based transports need that). On a dense cache every view is contiguous:
+        its bytes are sent or received in place (``as_bytes``)."""
+        view, order = self._memory[layer]
+        axis = order.index(self._block_dims[layer])
+        starts = sorted(set(run_starts(block_ids)) | {c for c in cuts if 0 < c < len(block_ids)})
+        segments = list(zip(starts, starts[1:] + [len(block_ids)]))
+        for idx in itertools.product(*(range(n) for n in view.shape[:axis])):
+            part = view[idx] if idx else view
+            for a, b in segments:
+                yield part.narrow(0, block_ids[a], b - a)
+
+    def synchronize(self) -> None:
+        """Wait for copies into the cache still in flight on the GPU (no-op on a CPU cache); the
+        worker side calls it before it reports a load done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def gather(self, layer: int, block_ids: list[int]) -> bytes:
         """Copy the given blocks of one layer into a contiguous byte string."""
@@ -61,6 +89,45 @@ class KvLayout:
         src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(tensor.dtype).reshape(shape)
         index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
         tensor.index_copy_(dim, index, src.to(tensor.device))
+
+
+def as_bytes(view: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    return memoryview(view.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def host_bytes(view: torch.Tensor) -> memoryview:
+    """The bytes of a piece to send: in place for a contiguous CPU view, else a host copy."""
+    if view.device.type == "cpu" and view.is_contiguous():
+        return as_bytes(view)
+    return as_bytes(view.contiguous().cpu())
+
+
+def landing(view: torch.Tensor) -> torch.Tensor:
+    """Where a piece's bytes are received: the view itself when it is contiguous host memory,
+    else a host buffer (pinned for a GPU cache) that ``settle`` copies into the view."""
+    if view.device.type == "cpu" and view.is_contiguous():
+        return view
+    return torch.empty(view.shape, dtype=view.dtype, pin_memory=view.device.type == "cuda")
+
+
+def settle(view: torch.Tensor, received: torch.Tensor) -> None:
+    """Copy a piece received into a ``landing`` buffer into its view (asynchronously on a GPU:
+    ``KvLayout.synchronize`` before the load is reported done)."""
+    if received is not view:
+        view.copy_(received, non_blocking=view.device.type == "cuda")
+
+
+def run_starts(block_ids: list[int]) -> list[int]:
+    """Positions in ``block_ids`` where a run of consecutive ids starts (0 first, if any)."""
+    return [i for i, b in enumerate(block_ids) if i == 0 or b != block_ids[i - 1] + 1]
+
+
+def _memory_order(tensor: torch.Tensor, block_dim: int) -> tuple[torch.Tensor, list[int]]:
+    """The tensor permuted into its memory order (outermost first), and that order; the block
+    axis keeps its place among equal strides."""
+    order = sorted(range(tensor.dim()), key=lambda i: (-tensor.stride(i), i != block_dim, i))
+    return tensor.permute(order), order
 
 
 def _block_dim(tensor: torch.Tensor, num_blocks: int, name: str) -> int:

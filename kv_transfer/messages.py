@@ -16,7 +16,11 @@ class ConnectorSettings:
     host: str = "127.0.0.1"
     """Address this engine's KV server binds and advertises (producer)."""
     port: int = 0
-    """Port of this engine's KV server (producer; chosen free by the worker actor)."""
+    """Port of this engine's KV control server (producer; chosen free by the worker actor)."""
+    transport: str = "tcp"
+    """The transport this engine serves its KV on (producer; ``kv_transfer.transports``)."""
+    data_port: int = 0
+    """Port of the transport's own server, when it has one (producer; chosen by the actor)."""
     lease_s: float = 60.0
     """Free held blocks after this long without a release."""
     load_timeout_s: float = 30.0
@@ -64,6 +68,8 @@ class PdserveConnectorMeta(KVConnectorMetadata):
 
     sends: list[SendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    """Requests aborted while their pull is queued or running: stop it, free their blocks."""
 
 
 @dataclass

@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 class SchedulerSide:
     """State kept between the scheduler's connector calls (single-threaded by vLLM)."""
 
-    def __init__(self, settings: ConnectorSettings, block_size: int, is_producer: bool) -> None:
+    def __init__(self, settings: ConnectorSettings, block_size: int, is_producer: bool, tp_size: int = 1) -> None:
         self._settings, self._block_size, self._is_producer = settings, block_size, is_producer
+        self._tp_size = tp_size
         self._sends: list[SendSpec] = []
         self._loads: list[LoadSpec] = []
+        self._cancels: list[str] = []
         self._claimed: set[str] = set()   # handle already used: never load twice (preemption)
         self._loading: set[str] = set()   # pull in flight: blocks must outlive an abort
         self._reports: dict[str, LoadReport] = {}
@@ -60,8 +62,8 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PdserveConnectorMeta:
         """Hand this step's holds and pulls to the worker side."""
-        meta = PdserveConnectorMeta(sends=self._sends, loads=self._loads)
-        self._sends, self._loads = [], []
+        meta = PdserveConnectorMeta(sends=self._sends, loads=self._loads, cancels=self._cancels)
+        self._sends, self._loads, self._cancels = [], [], []
         return meta
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
@@ -83,8 +85,9 @@ class SchedulerSide:
         secret = secrets.token_hex(16)
         self._sends.append(SendSpec(rid, list(block_ids), str(params.get(FAULT, "")), secret))
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
-        held = KvHandle(self._settings.host, self._settings.port, rid, num_tokens, len(block_ids), self._block_size,
-                        secret)
+        s = self._settings
+        held = KvHandle(s.host, s.port, rid, num_tokens, len(block_ids), self._block_size, secret, s.transport,
+                        s.data_port, self._tp_size)
         return True, held.to_params()
 
     def _finish_consumer(self, request: Request, handle: KvHandle) -> tuple[bool, dict[str, Any] | None]:
@@ -93,7 +96,10 @@ class SchedulerSide:
             self._loads.append(LoadSpec(rid, handle, 0, [], 0))
         self._claimed.discard(rid)
         report = self._reports.pop(rid, None)
-        return rid in self._loading, (report.to_params() if report else None)
+        loading = rid in self._loading
+        if loading:  # it ended (aborted) before its pull did: stop the pull, free its blocks soon
+            self._cancels.append(rid)
+        return loading, (report.to_params() if report else None)
 
 
 def _loadable_tokens(handle: KvHandle, request: Request) -> int:

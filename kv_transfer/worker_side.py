@@ -1,9 +1,11 @@
 """The connector's worker side: runs in the model-worker process that owns the KV tensors.
 
-Producer: serves held blocks over gRPC (``transport.start_server``) and reports them to vLLM as
-sent once released or expired. Consumer: pulls into freshly allocated blocks on a small thread
-pool (the blocks belong to a request parked in WAITING_FOR_REMOTE_KVS, so no forward pass touches
-them), then reports the request as received, or as failed so that vLLM recomputes its prompt.
+Producer: serves held blocks (the gRPC control server, plus the configured transport's own server)
+and reports them to vLLM as sent once released or expired. Consumer: pulls, with the transport the
+handle names, into freshly allocated blocks on a thread pool (the blocks belong to a request
+parked in WAITING_FOR_REMOTE_KVS, so no forward pass touches them), then reports the request as
+received, or as failed so that vLLM recomputes its prompt. A request aborted while its pull waits
+or runs has the pull cancelled.
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
-from kv_transfer import transport
+from kv_transfer import control, grpc_server, transports
 from kv_transfer.handle import LoadReport
 from kv_transfer.layout import KvLayout, KvLayoutError
+from kv_transfer.leases import HeldKv, PullGate
 from kv_transfer.messages import ConnectorSettings, LoadSpec, PdserveConnectorMeta, PdserveWorkerMeta
 
 log = logging.getLogger("pdserve.kv")
+PULL_THREADS = 8
+"""Pulls a decode engine runs at once (each is bounded by ``load_timeout_s``)."""
 
 
 class WorkerSide:
@@ -28,12 +33,13 @@ class WorkerSide:
 
     def __init__(self, settings: ConnectorSettings, num_blocks: int, is_producer: bool) -> None:
         self._settings, self._num_blocks, self._is_producer = settings, num_blocks, is_producer
-        self._held = transport.HeldKv(settings.lease_s)
+        self._held = HeldKv(settings.lease_s)
         self._layout: KvLayout | None = None
-        self._server = None
+        self._stops: list = []
         self._rank = 0
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdserve-kv-pull")
+        self._pool = ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="pdserve-kv-pull")
         self._lock = threading.Lock()
+        self._cancels: dict[str, threading.Event] = {}
         self._received: set[str] = set()
         self._failed: set[str] = set()
         self._reports: dict[str, LoadReport] = {}
@@ -45,26 +51,44 @@ class WorkerSide:
         self._rank = rank
         self._layout = KvLayout(kv_caches, self._num_blocks, f"{self._settings.model}|tp {rank}/{size}")
         if self._is_producer:
-            s = self._settings
-            self._server = transport.start_server(self._held, self._layout, s.host, s.port + rank, s.chunk_blocks)
-            log.info("KV server on %s:%d (%d layers, %d bytes/block)", s.host, s.port + rank,
-                     self._layout.num_layers, self._layout.block_bytes())
+            self._serve(rank)
+
+    def _serve(self, rank: int) -> None:
+        s, layout = self._settings, self._layout
+        gate = PullGate(self._held, layout.fingerprint)
+        control_server = grpc_server.start_server(gate, layout, s.host, s.port + rank, s.chunk_blocks)
+        self._stops.append(lambda: control_server.stop(grace=0))
+        transport = transports.get(s.transport)
+        data_port = s.data_port + rank if transport.data_port else 0
+        stop = transport.serve(transports.ServeContext(gate, layout, s.host, data_port, s.chunk_blocks))
+        if stop is not None:
+            self._stops.append(stop)
+        log.info("KV server on %s:%d, transport %s%s (%d layers, %d bytes/block)", s.host, s.port + rank,
+                 s.transport, f" on port {data_port}" if data_port else "", layout.num_layers, layout.block_bytes())
 
     def start_step(self, meta: PdserveConnectorMeta) -> None:
-        """Take this step's holds and start its pulls (called every engine step)."""
+        """Take this step's holds, cancels and pulls (called every engine step)."""
         for send in meta.sends:
             self._held.hold(send.request_id, send.block_ids, send.fault, send.secret)
+        with self._lock:
+            for load in meta.loads:
+                self._cancels.setdefault(load.request_id, threading.Event())
+            for rid in meta.cancels:
+                if rid in self._cancels:
+                    self._cancels[rid].set()
         for load in meta.loads:
             self._pool.submit(self._load, load)
 
     def _load(self, spec: LoadSpec) -> None:
         start = time.perf_counter()
-        report = LoadReport()
+        report, acked = LoadReport(), False
         if spec.local_block_ids:
-            report = self._pull(spec)
+            report, acked = self._pull(spec)
             log.debug("KV load %s: %s", spec.request_id, report)
-        h = spec.handle
-        transport.release(h.host, h.port + self._rank, h.request_id, secret=h.secret)
+        if not acked:
+            control.release(spec.handle, self._rank)
+        with self._lock:
+            self._cancels.pop(spec.request_id, None)
         if not spec.local_block_ids:
             return
         report = LoadReport(report.tokens, report.bytes, (time.perf_counter() - start) * 1e3, report.failed)
@@ -74,18 +98,26 @@ class WorkerSide:
                 self._failed.add(spec.request_id)
             self._reports[spec.request_id] = report
 
-    def _pull(self, spec: LoadSpec) -> LoadReport:
-        h = spec.handle
+    def _pull(self, spec: LoadSpec) -> tuple[LoadReport, bool]:
+        """The load's report, and whether the transport already released the sender's hold."""
+        with self._lock:
+            cancelled = self._cancels.setdefault(spec.request_id, threading.Event())
         try:
-            nbytes = transport.pull(self._layout, h.host, h.port + self._rank, h.request_id, spec.first_block,
-                                    spec.local_block_ids, self._settings.load_timeout_s, h.secret)
-        except (transport.KvTransferError, KvLayoutError) as err:
-            log.warning("KV load of %s failed, recomputing: %s", spec.request_id, err)
-            return LoadReport(failed=str(err))
+            transport = transports.get(spec.handle.transport)
+            job = transports.PullJob(self._layout, spec.handle, spec.first_block, spec.local_block_ids,
+                                     self._settings.load_timeout_s, self._rank, cancelled)
+            if cancelled.is_set():
+                raise transports.KvTransferError("cancelled: the request was aborted")
+            nbytes = transport.pull(job)
+            self._layout.synchronize()  # a GPU cache's copies in are complete before "done"
+        except (transports.KvTransferError, KvLayoutError) as err:
+            log.log(logging.INFO if cancelled.is_set() else logging.WARNING, "KV load of %s failed, recomputing: %s",
+                    spec.request_id, err)
+            return LoadReport(failed=str(err)), False
         except Exception as err:  # never leave the request parked: report it failed
             log.exception("KV load of %s failed unexpectedly", spec.request_id)
-            return LoadReport(failed=f"{type(err).__name__}: {err}")
-        return LoadReport(tokens=spec.num_tokens, bytes=nbytes)
+            return LoadReport(failed=f"{type(err).__name__}: {err}"), False
+        return LoadReport(tokens=spec.num_tokens, bytes=nbytes), transport.acks_release
 
     def transfer_results(self) -> KVConnectorTransferResults:
         """Sends finished (released or expired) and pulls finished (ok or failed) since last call."""
@@ -102,9 +134,12 @@ class WorkerSide:
         return PdserveWorkerMeta(reports) if reports else None
 
     def shutdown(self) -> None:
-        """Stop the KV server and the pull threads."""
-        if self._server is not None:
-            self._server.stop(grace=0)
+        """Stop the KV servers and the pull threads."""
+        for stop in self._stops:
+            stop()
+        with self._lock:
+            for event in self._cancels.values():
+                event.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -1,10 +1,9 @@
-"""The ``pdserve`` command: serve, generate, health, prepare-model."""
+"""The ``pdserve`` command: serve, stop, generate, health, status, prepare-model (and the tools of
+``cli_tools``). Parses arguments and calls the modules that do the work (``launch`` for serve/stop)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 import time
 
@@ -32,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True)
     serve = sub.add_parser("serve", help="start Ray workers and the gRPC router")
     serve.add_argument("--config", help="YAML file (see deploy/local.yaml)")
+    serve.add_argument("--name", help="the deployment's name (default pdserve): a running one is re-attached")
     serve.add_argument("--host"), serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400; -1 disables)")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="router processes sharing the ports and the engines (README: Several routers)")
     serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; -1 disables)")
     serve.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     serve.add_argument("--prefill", type=int, help="prefill instances")
@@ -48,13 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64), gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--raw", action="store_true", help="send as a raw prompt (default: one user chat message)")
     gen.add_argument("--timeout", type=float, default=300.0)
+    _add_client_auth(gen)
     gen.set_defaults(func=_generate)
     health = sub.add_parser("health", help="exit 0 only when every pool has a live instance")
     health.add_argument("--target", default="127.0.0.1:50051")
     health.add_argument("--wait", type=float, default=0.0, help="keep asking for up to this many seconds")
+    _add_client_auth(health)
     health.set_defaults(func=_health)
+    stop = sub.add_parser("stop", help="end a deployment's engines and its embedded Ray head")
+    stop.add_argument("--config", help="YAML file (its name and ray_address)")
+    stop.add_argument("--name", help="the deployment's name (default: the config's, pdserve)")
+    stop.set_defaults(func=_stop)
     status = sub.add_parser("status", help="a table of the pools: instances, health, load, cache hits, latency")
     status.add_argument("--target", default="127.0.0.1:50051")
+    _add_client_auth(status)
     status.set_defaults(func=_status)
     add_tool_commands(sub)
     prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
@@ -65,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict:
     out: dict = {}
     for flag, key in (("host", "host"), ("port", "port"), ("http_port", "http_port"), ("ray_address", "ray_address"),
-                      ("mode", "mode")):
+                      ("mode", "mode"), ("name", "name"), ("metrics_port", "metrics_port")):
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)
     for pool in ("prefill", "decode"):
@@ -88,40 +98,37 @@ def _serve(args: argparse.Namespace) -> int:
             make_policy(name)
         except ValueError as err:
             raise config_mod.ConfigError(str(err)) from None
-    if not (cfg.ray_address or env.ray_address()):
-        env.apply(env.embedded_ray_env())  # before Ray is first imported: it reads them then
-    from pdserve.cluster import Cluster
+    if args.replicas < 1:
+        raise config_mod.ConfigError("--replicas must be >= 1")
+    from pdserve import launch
 
-    cluster = Cluster(cfg)
-    try:
-        cluster.start()
-        asyncio.run(_run_router(cfg, cluster))
-    finally:
-        cluster.stop()
-    return 0
+    return launch.serve(cfg, args.replicas)
 
 
-async def _run_router(cfg: config_mod.ServeConfig, cluster: object) -> None:
-    from router.server import RouterServer, ServiceSettings
+def _stop(args: argparse.Namespace) -> int:
+    from pdserve import launch
 
-    server = RouterServer(cluster.prefill, cluster.decode, cluster.model_info, ServiceSettings.from_config(cfg))
-    port = await server.start(cfg.host, cfg.port, cfg.metrics_port)
-    metrics = f", metrics on :{server.service.metrics_port}/metrics" if cfg.metrics_port >= 0 else ""
-    http = f", OpenAI HTTP API on http://{cfg.host}:{server.http_port}/v1" if server.http_port >= 0 else ""
-    print(f"pdserve serving gRPC on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode"
-          f"{http}{metrics})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    return launch.stop(config_mod.load(args.config, {"name": args.name} if args.name else {}))
+
+
+def _add_client_auth(cmd: argparse.ArgumentParser) -> None:
+    """Flags of a client command for a guarded router (README: Securing the APIs)."""
+    cmd.add_argument("--tls-ca", default="", help="PEM CA of the router's certificate (enables TLS)")
+    cmd.add_argument("--tls-cert", default="", help="PEM client certificate (mutual TLS)")
+    cmd.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
+    cmd.add_argument("--token", default="", help="bearer token (default: $PDSERVE_AUTH_TOKEN)")
+
+
+def _client_auth(args: argparse.Namespace) -> object:
+    from pdserve.client import ClientAuth
+
+    return ClientAuth(args.tls_ca, args.tls_cert, args.tls_key, args.token or env.auth_token() or "")
 
 
 def _generate(args: argparse.Namespace) -> int:
     from pdserve.client import PdServeClient, build_request
 
-    client = PdServeClient(args.target)
+    client = PdServeClient(args.target, _client_auth(args))
     input_kw = {"prompt": args.text} if args.raw else {"messages": [("user", args.text)]}
     request = build_request(max_tokens=args.max_tokens, temperature=args.temperature, **input_kw)
     try:
@@ -144,7 +151,7 @@ def _health(args: argparse.Namespace) -> int:
     from pdserve.client import PdServeClient
     from protos import pdserve_v1_pb2 as pb
 
-    client = PdServeClient(args.target)
+    client = PdServeClient(args.target, _client_auth(args))
     deadline = time.monotonic() + args.wait
     while True:
         try:
@@ -165,7 +172,7 @@ def _status(args: argparse.Namespace) -> int:
     from pdserve.client import PdServeClient
 
     try:
-        info = PdServeClient(args.target).info()
+        info = PdServeClient(args.target, _client_auth(args)).info()
     except grpc.RpcError as err:
         print(f"pdserve: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""The ``pdserve`` commands for studies and benchmarks: profile, simulate, bench, bench-compare.
+"""The ``pdserve`` commands for studies and benchmarks: profile, simulate, bench, bench-kv, chaos,
+bench-compare.
 Registered on the main parser by ``add_tool_commands`` (see ``pdserve.cli``)."""
 from __future__ import annotations
 
@@ -49,9 +50,56 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--http-target", metavar="http://HOST:PORT",
                        help="with --overheads: also compare the OpenAI HTTP API's TTFT with gRPC's on this deployment")
     bench.set_defaults(func=_bench)
+    kvb = sub.add_parser("bench-kv", help="every KV transport against raw TCP on loopback (7B-class KV)")
+    kvb.add_argument("--rounds", type=int, default=5)
+    kvb.add_argument("--out", default="docs/results/perf/kv-transports.json")
+    kvb.set_defaults(func=_bench_kv)
+    chaos = sub.add_parser("chaos", help="a deployment under load while its parts fail (docs/reliability.md)")
+    chaos.add_argument("--config", default="deploy/local.yaml")
+    chaos.add_argument("--prefill", type=int, default=2), chaos.add_argument("--decode", type=int, default=2)
+    chaos.add_argument("--duration", type=float, default=120.0, help="seconds of Poisson load per run")
+    chaos.add_argument("--rate", type=float, default=1.0, help="requests per second")
+    chaos.add_argument("--faults", default="decode,prefill,corrupt,blackhole,router")
+    chaos.add_argument("--no-baseline", action="store_true", help="skip the fault-free run")
+    chaos.add_argument("--seed", type=int, default=0)
+    chaos.add_argument("--out", default="docs/results/reliability/chaos.json")
+    chaos.set_defaults(func=_chaos)
     cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
     cmp_.add_argument("files", nargs="+"), cmp_.add_argument("--out", default="results/bench/compare.png")
     cmp_.set_defaults(func=_bench_compare)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pdserve.chaos import ALL_FAULTS
+    from pdserve.chaos_run import ChaosPlan, run
+
+    faults = tuple(f for f in args.faults.split(",") if f)
+    unknown = set(faults) - set(ALL_FAULTS)
+    if unknown:
+        raise config_mod.ConfigError(f"unknown fault(s) {', '.join(sorted(unknown))} (known: {', '.join(ALL_FAULTS)})")
+    plan = ChaosPlan(args.config, args.prefill, args.decode, args.duration, args.rate, faults, not args.no_baseline,
+                     seed=args.seed)
+    report = run(plan, Path(args.out))
+    print(json.dumps({k: v for k, v in report.items() if k != "plan"}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _bench_kv(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.bench import kv
+
+    result = kv.run(Path(args.out), args.rounds)
+    print(f"{'transport':>10} {'tokens':>7} {'MB':>7} {'ms':>9} {'GB/s':>6} {'of raw TCP':>10}")
+    for row in result["rows"]:
+        print(f"{row['transport']:>10} {row['prompt_tokens']:>7} {row['bytes'] / 1e6:>7.0f} {row['median_ms']:>9.1f} "
+              f"{row['gb_s']:>6.2f} {row['fraction_of_raw_tcp']:>10.2f}")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -38,16 +39,43 @@ class Completion:
     final: pb.GenerateResponse | None = None
 
 
+@dataclass(frozen=True)
+class ClientAuth:
+    """How a client reaches a guarded router: TLS trust, an optional client certificate (mutual
+    TLS) and an optional bearer token. The default is plaintext without a token."""
+
+    tls_ca: str = ""
+    """PEM file of the CA that signed the router's certificate (enables TLS)."""
+    tls_cert: str = ""
+    """PEM certificate chain of this client (mutual TLS, with ``tls_key``)."""
+    tls_key: str = ""
+    token: str = ""
+
+    def channel(self, target: str) -> grpc.Channel:
+        """A channel to ``target`` with this TLS setting."""
+        if not self.tls_ca:
+            return grpc.insecure_channel(target)
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        creds = grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key), read(self.tls_cert))
+        return grpc.secure_channel(target, creds)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the token (none without one)."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
 class PdServeClient:
     """One channel to a router; methods are bounded by ``timeout_s``."""
 
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, auth: ClientAuth = ClientAuth()) -> None:
+        self.channel = auth.channel(target)
         self.stub = pb_grpc.PdServeStub(self.channel)
+        self._metadata = auth.metadata
 
     def stream(self, request: pb.GenerateRequest, timeout_s: float = 300.0) -> Iterator[pb.GenerateResponse]:
         """The response stream (a grpc call object: ``.cancel()`` cancels it)."""
-        return self.stub.Generate(request, timeout=timeout_s)
+        return self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
 
     def complete(self, request: pb.GenerateRequest, timeout_s: float = 300.0) -> Completion:
         """Consume the whole stream."""
@@ -62,11 +90,11 @@ class PdServeClient:
 
     def health(self, timeout_s: float = 5.0) -> pb.HealthResponse:
         """The router's health answer."""
-        return self.stub.Health(pb.HealthRequest(), timeout=timeout_s)
+        return self.stub.Health(pb.HealthRequest(), timeout=timeout_s, metadata=self._metadata)
 
     def info(self, timeout_s: float = 5.0) -> pb.ServerInfoResponse:
         """Model, pools and instances."""
-        return self.stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout_s)
+        return self.stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout_s, metadata=self._metadata)
 
     def close(self) -> None:
         """Close the channel."""

@@ -1,7 +1,12 @@
 """``Cluster``: starts Ray (embedded on loopback, or joins an existing cluster) and the two worker
 pools as Ray actors, one engine each (one GPU each on GPU clusters, else one CPU core).
 
-Used by ``pdserve serve`` and by the test fixtures; ``stop`` ends only what ``start`` created.
+Two lifetimes. ``detached`` (``pdserve serve``): the engines are detached named actors in the
+deployment's namespace, and the embedded Ray head runs in a process of its own
+(``pdserve.ray_head``), so the engines outlive the router; ``start`` re-attaches to the ones
+already running, ``detach`` leaves them running, and ``stop`` (``pdserve stop``) ends them and the
+head. Otherwise (the test fixtures) everything belongs to this process and ``stop`` ends only what
+``start`` created.
 """
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from typing import Any
 
 import ray
 
-from pdserve import env
-from pdserve.config import ServeConfig
+from pdserve import env, ray_head
+from pdserve.config import ConfigError, KvTransferConfig, ServeConfig
+from pdserve.ray_head import HeadState
 from pdserve.model import resolve_model
 from pdserve.types import ModelInfo
 
@@ -34,12 +40,17 @@ class WorkerRef:
 class Cluster:
     """The Ray side of a deployment."""
 
-    def __init__(self, cfg: ServeConfig, ready_timeout_s: float = 600.0) -> None:
+    def __init__(self, cfg: ServeConfig, ready_timeout_s: float = 600.0, detached: bool = False) -> None:
         self.cfg = cfg
         self.ready_timeout_s = ready_timeout_s
+        self.detached = detached
+        self.namespace = f"pdserve-{cfg.name}" if detached else None
         self.prefill: list[WorkerRef] = []
         self.decode: list[WorkerRef] = []
         self.model_info: ModelInfo | None = None
+        self.attached: set[str] = set()
+        """Workers found running at ``start`` and re-attached (detached mode)."""
+        self.head: HeadState | None = None
         self._started_ray = False
 
     def start(self) -> None:
@@ -65,21 +76,31 @@ class Cluster:
 
     def _wait_ready(self, model: str) -> None:
         infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=self.ready_timeout_s)
+        stale = [w.name for w, info in zip(self.workers, infos) if w.name in self.attached and info.model != model]
+        if stale:
+            raise ConfigError(f"deployment {self.cfg.name!r} already runs {', '.join(stale)} with another model; "
+                              f"`pdserve stop --name {self.cfg.name}` first")
         self.model_info = infos[0]
-        log.info("cluster up (%s): %d prefill, %d decode, model %s", self.cfg.mode, len(self.prefill),
-                 len(self.decode), model)
+        log.info("cluster up (%s): %d prefill, %d decode, model %s, %d re-attached", self.cfg.mode,
+                 len(self.prefill), len(self.decode), model, len(self.attached))
 
-    def add_worker(self, role: str, wait: bool = True) -> WorkerRef:
+    def pids(self) -> dict[str, int]:
+        """Each worker's process id (printed by ``pdserve serve``: operators and fault tests)."""
+        return dict(zip((w.name for w in self.workers),
+                        ray.get([w.actor.pid.remote() for w in self.workers], timeout=60)))
+
+    def add_worker(self, role: str, wait: bool = True, kv: KvTransferConfig | None = None) -> WorkerRef:
         """Start one more worker of ``role`` (prefill, decode or colocated) on the running cluster
         and add it to its pool (colocated workers join ``prefill``); with ``wait``, return once its
-        engine is up (bounded), else at once while it loads."""
+        engine is up (bounded), else at once while it loads. ``kv`` overrides the deployment's KV
+        settings for this worker (a prefill's transport and lease are its own)."""
         from decode_worker.worker import DecodeWorker
         from prefill_worker.worker import ColocatedWorker, PrefillWorker
 
         cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[role]
         pool, cfg = (self.decode, self.cfg.decode) if role == "decode" else (self.prefill, self.cfg.prefill)
         name = f"{role}-{sum(w.role == role for w in self.workers)}"
-        worker = self._spawn(cls, name, self.model_info.model, len(self.workers), self._use_gpu(), cfg.ray_resources)
+        worker = self._spawn(cls, name, self.model_info.model, len(self.workers), self._use_gpu(), cfg.ray_resources, kv)
         if wait:
             ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
         pool.append(worker)
@@ -104,7 +125,10 @@ class Cluster:
             return
         address = self.cfg.ray_address or env.ray_address()
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, namespace=self.namespace, log_to_driver=False)
+        elif self.detached:  # the deployment's own head process: found running, or started now
+            self.head = HeadState.read(self.cfg.name) or ray_head.start(self.cfg.name, self._logical_cpus(total_workers))
+            ray.init(address=self.head.address, namespace=self.namespace, log_to_driver=False)
         else:
             if ray._private.ray_constants.ENABLE_RAY_CLUSTER:
                 log.warning("Ray was imported before pdserve.env.embedded_ray_env() was applied: "
@@ -113,8 +137,12 @@ class Cluster:
             # Logical CPUs: one per worker plus room to add workers later (``add_worker``); the
             # workers pin themselves to real cores (worker_process_env).
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     num_cpus=max(env.cpu_count(), total_workers) + SPARE_WORKER_SLOTS, log_to_driver=False)
+                     num_cpus=self._logical_cpus(total_workers), log_to_driver=False)
         self._started_ray = True
+
+    @staticmethod
+    def _logical_cpus(total_workers: int) -> int:
+        return max(env.cpu_count(), total_workers) + SPARE_WORKER_SLOTS
 
     def _use_gpu(self) -> bool:
         device = self.cfg.engine.device
@@ -122,7 +150,11 @@ class Cluster:
             return ray.cluster_resources().get("GPU", 0) > 0
         return device == "gpu"
 
-    def _spawn(self, cls: type, name: str, model: str, index: int, gpu: bool, resources: dict) -> WorkerRef:
+    def _spawn(self, cls: type, name: str, model: str, index: int, gpu: bool, resources: dict,
+               kv: KvTransferConfig | None = None) -> WorkerRef:
+        if self.detached and name in ray.util.list_named_actors():
+            self.attached.add(name)
+            return WorkerRef(name, cls.role, ray.get_actor(name))
         local = not (self.cfg.ray_address or env.ray_address())
         core = index % env.cpu_count() if local and not gpu else None
         env_vars = env.worker_process_env(core, self.cfg.engine.kv_cache_gib)
@@ -130,13 +162,35 @@ class Cluster:
             env_vars["VLLM_HOST_IP"] = "127.0.0.1"
         actor = ray.remote(cls).options(
             name=name, num_cpus=1, num_gpus=1 if gpu else 0, resources=dict(resources), max_concurrency=1000,
-            max_restarts=self.cfg.faults.max_restarts,
+            max_restarts=self.cfg.faults.max_restarts, lifetime="detached" if self.detached else None,
             runtime_env={"env_vars": env_vars},
-        ).remote(name, self.cfg.engine, model, self.cfg.kv_transfer)
+        ).remote(name, self.cfg.engine, model, kv or self.cfg.kv_transfer)
         return WorkerRef(name, cls.role, actor)
 
+    def detach(self) -> None:
+        """Leave the engines running and disconnect (a detached deployment's router exiting)."""
+        self.prefill, self.decode = [], []
+        if ray.is_initialized():
+            ray.shutdown()
+
+    @classmethod
+    def attach(cls, cfg: ServeConfig) -> Cluster | None:
+        """The running detached deployment ``cfg.name`` with its workers (for ``stop``), or None
+        when no head of it runs and no Ray address is configured."""
+        cluster = cls(cfg, detached=True)
+        address = cfg.ray_address or env.ray_address()
+        cluster.head = None if address else HeadState.read(cfg.name)
+        if not (address or cluster.head):
+            return None
+        ray.init(address=address or cluster.head.address, namespace=cluster.namespace, log_to_driver=False)
+        for name in ray.util.list_named_actors():
+            pool = cluster.decode if name.startswith("decode-") else cluster.prefill
+            pool.append(WorkerRef(name, name.split("-")[0], ray.get_actor(name)))
+        return cluster
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Shut every engine down, kill the actors, and shut Ray down if this cluster started it."""
+        """Shut every engine down, kill the actors, and shut Ray down if this cluster started it
+        (detached: end the deployment's head process too)."""
         refs = [w.actor.shutdown.remote() for w in self.workers]
         deadline = time.monotonic() + timeout_s
         try:
@@ -146,6 +200,8 @@ class Cluster:
         for w in self.workers:
             ray.kill(w.actor)
         self.prefill, self.decode = [], []
-        if self._started_ray:
+        if self._started_ray or self.detached:
             ray.shutdown()
             self._started_ray = False
+        if self.head is not None and not ray_head.stop(self.head):
+            log.warning("the Ray head (pid %d) did not exit", self.head.pid)

@@ -6,6 +6,7 @@ are rejected with the path of the offending key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,19 @@ class EngineConfig:
         _require(self.device in ("auto", "cpu", "gpu"), f"engine.device: unknown {self.device!r}")
 
 
+KV_TRANSPORTS = ("tcp", "grpc", "gloo")
+"""The names ``kv_transfer.transports`` registers (a test keeps the two equal)."""
+
+
 @dataclass(frozen=True)
 class KvTransferConfig:
-    """The gRPC KV-transfer layer between the pools."""
+    """The KV-transfer layer between the pools."""
+
+    transport: str = "tcp"
+    """How KV bytes travel from a prefill to a decode engine: ``tcp`` (large frames in place, one
+    xxh3 per transfer; the fastest here), ``grpc`` (a chunked gRPC stream, CRC32 per chunk) or
+    ``gloo`` (torch.distributed point to point; the same code runs NCCL on GPUs). Release and
+    lease renewal always use the gRPC control server."""
 
     lease_s: float = 60.0
     """A prefill instance frees a finished request's KV blocks after this long if no decode
@@ -68,6 +79,7 @@ class KvTransferConfig:
     """Blocks per streamed chunk (each chunk is one layer's run of blocks)."""
 
     def __post_init__(self) -> None:
+        _require(self.transport in KV_TRANSPORTS, f"kv_transfer.transport must be one of {KV_TRANSPORTS}")
         _require(self.lease_s > 0, "kv_transfer.lease_s must be > 0")
         _require(self.load_timeout_s > 0, "kv_transfer.load_timeout_s must be > 0")
         _require(self.chunk_blocks >= 1, "kv_transfer.chunk_blocks must be >= 1")
@@ -128,11 +140,36 @@ class FaultConfig:
     """Per request and leg: prefills retried and decodes migrated after a worker failure."""
     retry_wait_s: float = 60.0
     """How long a retry waits for a live instance of its pool (a restarting one, say)."""
+    drain_s: float = 30.0
+    """On SIGTERM, running requests get this long to finish; the rest end with a final message
+    (finish reason ``shutdown``). New requests are refused from the signal on."""
 
     def __post_init__(self) -> None:
+        _require(self.drain_s >= 0, "faults.drain_s must be >= 0")
         _require(self.max_restarts >= -1, "faults.max_restarts must be >= -1")
         _require(self.request_retries >= 0, "faults.request_retries must be >= 0")
         _require(self.retry_wait_s > 0, "faults.retry_wait_s must be > 0")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Transport security and authentication of the router's public APIs (gRPC and HTTP). The
+    KV ports are guarded separately, by a per-transfer secret in each handle."""
+
+    tls_cert: str = ""
+    """PEM certificate chain of the router (with ``tls_key``): both APIs serve TLS only."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: str = ""
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: str = ""
+    """A file holding the bearer token every call must carry (``authorization: Bearer <token>``;
+    UNAUTHENTICATED or HTTP 401 otherwise). ``PDSERVE_AUTH_TOKEN`` overrides it. Health checks
+    (grpc.health.v1, HTTP /health) stay open to load balancers."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.tls_cert) == bool(self.tls_key), "security.tls_cert and security.tls_key go together")
+        _require(not self.tls_client_ca or bool(self.tls_cert), "security.tls_client_ca needs tls_cert and tls_key")
 
 
 @dataclass(frozen=True)
@@ -162,6 +199,10 @@ class PoolConfig:
 class ServeConfig:
     """A whole deployment: the router's endpoint, Ray, the two pools and their engines."""
 
+    name: str = "pdserve"
+    """The deployment's name: its engines are the named actors ``<role>-<i>`` in the Ray namespace
+    ``pdserve-<name>``, which a restarted ``pdserve serve`` re-attaches to and ``pdserve stop``
+    ends."""
     mode: str = "disaggregated"
     """``disaggregated`` (prefill and decode pools, KV transfer) or ``colocated`` (the same number
     of engines, prefill.instances + decode.instances, each serving both phases; the baseline)."""
@@ -185,6 +226,8 @@ class ServeConfig:
     """The router-side admission queue and its bounds."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Worker restarts and request retries."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """TLS, mutual TLS and bearer-token auth of the public APIs (all off by default)."""
     metrics_port: int = 9400
     """Port of the router's Prometheus ``/metrics`` endpoint (0 picks a free one, -1 disables)."""
     http_port: int = 8000
@@ -206,6 +249,8 @@ class ServeConfig:
     """Upper bound on one request's life in the router when the client sets no deadline."""
 
     def __post_init__(self) -> None:
+        _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name)),
+                 f"name must be 1-63 letters, digits, '_', '.', '-', got {self.name!r}")
         _require(self.mode in ("disaggregated", "colocated"), f"mode must be disaggregated or colocated, got {self.mode!r}")
         _require(0 <= self.port < 65536, "port must be in 0..65535")
         _require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")

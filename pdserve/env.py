@@ -14,6 +14,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PDSERVE_CACHE_DIR", default))
 
 
+def state_dir() -> Path:
+    """``PDSERVE_STATE_DIR``: where running deployments' Ray heads publish their address (default
+    ``<cache_dir>/state``)."""
+    return Path(os.environ.get("PDSERVE_STATE_DIR") or cache_dir() / "state")
+
+
 def model_dir_override() -> str | None:
     """``PDSERVE_MODEL``: a local Hugging Face folder to serve instead of the bundled model."""
     return os.environ.get("PDSERVE_MODEL") or None
@@ -22,6 +28,12 @@ def model_dir_override() -> str | None:
 def ray_address() -> str | None:
     """``PDSERVE_RAY_ADDRESS``: an existing Ray cluster to join (default: embedded local Ray)."""
     return os.environ.get("PDSERVE_RAY_ADDRESS") or None
+
+
+def auth_token() -> str | None:
+    """``PDSERVE_AUTH_TOKEN``: the bearer token, for the router (overrides
+    ``security.auth_token_file``) and for the CLI's client commands."""
+    return os.environ.get("PDSERVE_AUTH_TOKEN") or None
 
 
 def worker_process_env(cpu_core: int | None, kv_cache_gib: int) -> dict[str, str]:

@@ -25,7 +25,8 @@ class EngineWorker:
         from pdserve.engine import EngineHost
 
         kv_host = ray.util.get_node_ip_address()
-        connector: dict[str, Any] = {"host": kv_host, "port": _free_port(kv_host), "lease_s": kv.lease_s,
+        connector: dict[str, Any] = {"host": kv_host, "port": _free_port(kv_host), "data_port": _free_port(kv_host),
+                                     "transport": kv.transport, "lease_s": kv.lease_s,
                                      "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks}
         self.name = name
         self.host = EngineHost(engine, model, self.role, connector)

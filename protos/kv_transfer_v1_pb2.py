@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/kv_transfer_v1.proto\x12\rpdserve.kv.v1\"[\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"^\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x94\x01\n\nKvTransfer\x12<\n\x04Pull\x12\x1a.pdserve.kv.v1.PullRequest\x1a\x16.pdserve.kv.v1.KvChunk0\x01\x12H\n\x07Release\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1e.pdserve.kv.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/kv_transfer_v1.proto\x12\rpdserve.kv.v1\"[\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"^\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\" \n\rRenewResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\x32\xda\x01\n\nKvTransfer\x12<\n\x04Pull\x12\x1a.pdserve.kv.v1.PullRequest\x1a\x16.pdserve.kv.v1.KvChunk0\x01\x12H\n\x07Release\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1e.pdserve.kv.v1.ReleaseResponse\x12\x44\n\x05Renew\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1c.pdserve.kv.v1.RenewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEREQUEST']._serialized_end=287
   _globals['_RELEASERESPONSE']._serialized_start=289
   _globals['_RELEASERESPONSE']._serialized_end=324
-  _globals['_KVTRANSFER']._serialized_start=327
-  _globals['_KVTRANSFER']._serialized_end=475
+  _globals['_RENEWRESPONSE']._serialized_start=326
+  _globals['_RENEWRESPONSE']._serialized_end=358
+  _globals['_KVTRANSFER']._serialized_start=361
+  _globals['_KVTRANSFER']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class KvTransferStub:
                 request_serializer=protos_dot_kv__transfer__v1__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=protos_dot_kv__transfer__v1__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/pdserve.kv.v1.KvTransfer/Renew',
+                request_serializer=protos_dot_kv__transfer__v1__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=protos_dot_kv__transfer__v1__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class KvTransferServicer:
@@ -68,6 +73,14 @@ class KvTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Renew extends a live hold by one lease from now: the router's heartbeat
+        while the request's decode is queued. PERMISSION_DENIED without the secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +93,11 @@ def add_KvTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=protos_dot_kv__transfer__v1__pb2.ReleaseRequest.FromString,
                     response_serializer=protos_dot_kv__transfer__v1__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=protos_dot_kv__transfer__v1__pb2.ReleaseRequest.FromString,
+                    response_serializer=protos_dot_kv__transfer__v1__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +154,33 @@ class KvTransfer:
             '/pdserve.kv.v1.KvTransfer/Release',
             protos_dot_kv__transfer__v1__pb2.ReleaseRequest.SerializeToString,
             protos_dot_kv__transfer__v1__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.kv.v1.KvTransfer/Renew',
+            protos_dot_kv__transfer__v1__pb2.ReleaseRequest.SerializeToString,
+            protos_dot_kv__transfer__v1__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

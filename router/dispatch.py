@@ -11,6 +11,11 @@ A failed leg is survived, transparently to the client, up to ``retries`` times p
   KV handle (loaded while its hold lasts, recomputed otherwise);
 - a decode that fails mid-stream continues on another decode instance from the prompt plus every
   token already streamed (a recompute migration): one stream, no token repeated or skipped.
+
+The router owns a request's held KV from the prefill's result until the decode's first output
+(which comes after its load): meanwhile it renews the hold every third of a lease, so a decode
+queued longer than the lease still finds its KV, and a router that dies stops renewing, so the
+lease frees the blocks.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import AsyncIterator, Callable
 
 import ray
 
-from kv_transfer import transport
+from kv_transfer import control
 from kv_transfer.handle import KvHandle
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
 from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, await_worker, quiet, request_record,
@@ -42,15 +47,22 @@ class Dispatcher:
 
     def __init__(self, prefill: WorkerPool, decode: WorkerPool | None, model: ModelInfo, default_max_tokens: int,
                  record: Callable[[RequestRecord], None] = lambda rec: None, router_block: int = 0,
-                 retries: int = 2, retry_wait_s: float = 60.0) -> None:
+                 retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0) -> None:
         self.prefill, self.decode = prefill, decode
         self.max_model_len = model.max_model_len
         self.router_block = router_block_tokens(model, router_block)
         self.default_max_tokens = default_max_tokens
         self.retries, self.retry_wait_s = retries, retry_wait_s
+        self.kv_renew_s = kv_lease_s / 3
         self._record = record
         self.in_flight = 0
         """Requests admitted and not yet ended (the admission bound counts them)."""
+        self.draining = False
+        """Set by ``drain``: new requests are refused (UNAVAILABLE)."""
+        self.cutting = False
+        """Set by ``drain`` when its grace ended: the consumers of the requests still running are
+        cancelled, and each ends its stream with ``FinalEvent.cut``."""
+        self._consumers: dict[int, asyncio.Task] = {}
 
     @property
     def pools(self) -> list[WorkerPool]:
@@ -60,19 +72,43 @@ class Dispatcher:
     async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Stream the request's events; raises InvalidRequestError, OverloadedError,
         NoInstanceError (or WorkerFailedError), or CancelledError, after cleaning up."""
+        if self.draining:
+            raise NoInstanceError("the router is shutting down; retry (on another replica)")
         legs = Legs()
         self.in_flight += 1
+        self._consumers[id(legs)] = asyncio.current_task()  # the task iterating us, for ``drain``
         try:
             async for event in self._run(req, legs):
                 yield event
+                self._consumers[id(legs)] = asyncio.current_task()
         except BaseException as err:
             if not req.state.terminal:
                 req.to(terminal_state(err))
             raise
         finally:
             self.in_flight -= 1
+            self._consumers.pop(id(legs), None)
             await asyncio.shield(self._cleanup(req, legs))
             self._record(request_record(req, legs))
+
+    async def drain(self, grace_s: float, settle_s: float = 10.0) -> int:
+        """Refuse new requests, let running ones end within ``grace_s``, then cut the rest (their
+        consumers end each stream with ``FinalEvent.cut``) and wait, bounded, for their cleanup.
+        Called once, by ``RouterServer.stop``; returns how many requests were cut."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.in_flight
+        if cut:
+            self.cutting = True
+            for task in list(self._consumers.values()):
+                task.cancel("pdserve router shutdown")
+            deadline = loop.time() + settle_s
+            while self.in_flight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        return cut
 
     async def _run(self, req: RouterRequest, legs: Legs) -> AsyncIterator[TokenEvent | FinalEvent]:
         route, ids = await self._prepare(req)
@@ -172,12 +208,13 @@ class Dispatcher:
                 req.to(RequestState.TRANSFERRING)
             stream = legs.decode.actor.decode.options(num_returns="streaming").remote(
                 legs.decode_id, prompt, first, spec, kv_params)
-            legs.handle = None  # the decode instance now owns the KV: it releases it after loading
+            renewal = asyncio.create_task(self._renew_hold(legs)) if kv_params is not None else None
             try:
                 async for ref in stream:
                     chunk = await await_worker(self.decode, legs.decode, ref)
                     if req.state is RequestState.TRANSFERRING:
                         req.to(RequestState.DECODING)
+                    legs.handle = None  # the decode loaded (and released) the KV, or recomputed it
                     yield chunk
                 legs.decode_done = True
                 return
@@ -186,11 +223,23 @@ class Dispatcher:
                     self.decode.mark_dead(legs.decode.name)
                     err = WorkerFailedError(f"{legs.decode.name} failed: {type(err).__name__}")
                 await self._before_retry(self.decode, legs.decode_migrations, err)
+            finally:
+                if renewal is not None:
+                    renewal.cancel()
             legs.decode_migrations += 1
             legs.decode_id = f"{req.request_id}#migrated-{legs.decode_migrations}"
             if len(legs.sent) > 1:  # tokens were decoded: recompute from the prompt and them
                 kv_params = None
                 spec = replace(req.sampling, max_tokens=req.sampling.max_tokens - len(legs.sent) + 1)
+
+    async def _renew_hold(self, legs: Legs) -> None:
+        """The lease heartbeat: renew the held KV until the decode takes it over (its first output)
+        or the sender no longer holds it."""
+        while True:
+            await asyncio.sleep(self.kv_renew_s)
+            handle = legs.handle
+            if handle is None or not await asyncio.to_thread(control.renew, handle):
+                return
 
     async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
         """Tokenize on a live prefill worker and check the lengths against the context."""
@@ -234,8 +283,7 @@ class Dispatcher:
                     late = await quiet(legs.prefill_ref)  # it may have finished before the abort
                     legs.handle = KvHandle.from_params(getattr(late, "kv_params", None))
                 if legs.handle is not None:
-                    h = legs.handle
-                    await asyncio.to_thread(transport.release, h.host, h.port, h.request_id, secret=h.secret)
+                    await asyncio.to_thread(control.release, legs.handle)
                 if legs.decode is not None and not legs.decode_done:
                     await quiet(legs.decode.actor.abort.remote(legs.decode_id or req.request_id))
         except TimeoutError:

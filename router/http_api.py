@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ from router import openai_protocol as oa
 from router.dispatch import Dispatcher
 from router.health import pools_status
 from router.legs import FinalEvent, TokenEvent
+from router.security import OPEN_HTTP_PATHS, Guard
 from router.settings import ServiceSettings
 
 log = logging.getLogger("pdserve.http")
@@ -49,8 +51,9 @@ class HttpFrontEnd:
     """The HTTP API over one dispatcher; ``start`` and ``stop`` are called by ``RouterServer``."""
 
     def __init__(self, dispatcher: Dispatcher, model: ModelInfo, settings: ServiceSettings,
-                 record: Callable[[RequestRecord], None], registry: Any) -> None:
+                 record: Callable[[RequestRecord], None], registry: Any, guard: Guard = Guard()) -> None:
         self.dispatcher, self.settings, self._record, self.registry = dispatcher, settings, record, registry
+        self.guard = guard
         self.model, self.model_id = model, Path(model.model).name
         self._model_names = {self.model_id, model.model}
         self.app = self._build()
@@ -58,11 +61,12 @@ class HttpFrontEnd:
         self._task: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Serve on ``host:port`` (0: a free port) in this loop; returns the bound port."""
+        """Serve on ``host:port`` (0: a free port) in this loop; returns the bound port. The port is
+        bound with SO_REUSEPORT, as gRPC's is, so router replicas can share it."""
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
-                                access_log=False, timeout_graceful_shutdown=5)
+                                access_log=False, timeout_graceful_shutdown=5, **self.guard.uvicorn_tls())
         self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
+        self._task = asyncio.create_task(self._server.serve(sockets=[_shared_socket(host, port)]))
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises the bind error
@@ -85,7 +89,17 @@ class HttpFrontEnd:
         app.get("/v1/models")(self._models)
         app.get("/health")(self._health)
         app.get("/metrics")(self._metrics)
+        if self.guard.token:
+            app.middleware("http")(self._authenticate)
         return app
+
+    async def _authenticate(self, request: Request, call_next: Callable) -> Response:
+        """401 without the bearer token (OpenAI's error shape; ``/health`` stays open)."""
+        if request.url.path in OPEN_HTTP_PATHS or self.guard.authorized(request.headers.get("authorization")):
+            return await call_next(request)
+        body = {"error": {"message": "missing or wrong bearer token", "type": "authentication_error",
+                          "param": None, "code": "invalid_api_key"}}
+        return JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
 
     async def _chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
@@ -98,6 +112,8 @@ class HttpFrontEnd:
 
     async def _health(self) -> Response:
         serving, detail = pools_status(self.dispatcher.pools)
+        if self.dispatcher.draining:
+            serving, detail = False, "shutting down"
         return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING", "detail": detail}, 200 if serving else 503)
 
     async def _metrics(self) -> Response:
@@ -136,13 +152,19 @@ class HttpFrontEnd:
     async def _whole(self, meta: tuple, first: Any, events: AsyncIterator, deadline: float) -> Response:
         text = first.text if isinstance(first, TokenEvent) else ""
         final = first if isinstance(first, FinalEvent) else None
+        tokens = len(getattr(first, "token_ids", ()))
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in events:
                     if isinstance(event, TokenEvent):
-                        text += event.text
+                        text, tokens = text + event.text, tokens + len(event.token_ids)
                     else:
                         final = event
+        except asyncio.CancelledError:
+            if not self.dispatcher.cutting:
+                raise
+            asyncio.current_task().uncancel()  # cut by the shutdown: answer what there is
+            final = FinalEvent.cut(tokens)
         except BaseException as err:
             return _status_error(err)
         finally:
@@ -152,19 +174,36 @@ class HttpFrontEnd:
     async def _sse(self, meta: tuple, first: Any, events: AsyncIterator, deadline: float,
                    include_usage: bool) -> AsyncIterator[str]:
         """The event stream; closing it (client gone) closes ``events``, which aborts the request."""
+        tokens = 0
         try:
             event, is_first = first, True
             async with asyncio.timeout_at(deadline):
                 while event is not None:
                     yield from_event(meta, event, is_first, include_usage)
+                    tokens += len(getattr(event, "token_ids", ()))
                     is_first = False
                     event = await anext(events, None)
+        except asyncio.CancelledError:
+            if not self.dispatcher.cutting:
+                raise
+            asyncio.current_task().uncancel()  # cut by the shutdown: a final chunk, then the end
+            yield from_event(meta, FinalEvent.cut(tokens), False, include_usage)
         except Exception as err:  # mid-stream failure: an error event, then the end
             body = _status_body(err)[1]
             yield f"data: {json.dumps(body)}\n\n"
         finally:
             await events.aclose()
         yield "data: [DONE]\n\n"
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port that other router processes may bind too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def from_event(meta: tuple, event: Any, first: bool, include_usage: bool) -> str:

@@ -51,6 +51,12 @@ class FinalEvent:
     decode_migrations: int = 0
     """Decodes continued on another instance after a worker failure."""
 
+    @classmethod
+    def cut(cls, completion_tokens: int) -> FinalEvent:
+        """The final event of a stream the router cut at the end of its shutdown grace
+        (finish reason ``shutdown``: the client may resend the rest elsewhere)."""
+        return cls("shutdown", 0, completion_tokens, 0, 0.0, 0.0, 0.0, 0, 0.0, 0.0, "")
+
 
 @dataclass
 class Legs:

@@ -23,6 +23,7 @@ from router.legs import FinalEvent, TokenEvent, router_block_tokens
 from router.health import API_SERVICE, HealthReporter, pools_status
 from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
+from router.security import BearerAuth, Guard
 from router.settings import ServiceSettings, latency_model
 from router.pools import WorkerPool
 from router.stats import RouterStats
@@ -73,9 +74,11 @@ class PdServeService(pb_grpc.PdServeServicer):
         if req.request_id in self._in_flight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already running")
         self._in_flight.add(req.request_id)
+        sent = 0
         try:
             async with asyncio.timeout(self._timeout(context)):
                 async for event in self.dispatcher.run(req):
+                    sent += len(getattr(event, "token_ids", ()))
                     yield _to_proto(req.request_id, event)
         except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -86,7 +89,12 @@ class PdServeService(pb_grpc.PdServeServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{err}; retry after {err.retry_after_s:.0f} s")
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id} timed out")
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            if not self.dispatcher.cutting:
+                raise
+            asyncio.current_task().uncancel()  # cut by the shutdown: end the stream cleanly
+            yield _to_proto(req.request_id, FinalEvent.cut(sent))
+        except grpc.aio.AbortError:
             raise
         except Exception as err:  # a bug must not take the server down: log it, answer INTERNAL
             log.exception("request %s failed", req.request_id)
@@ -102,6 +110,8 @@ class PdServeService(pb_grpc.PdServeServicer):
         pools = self.dispatcher.pools
         await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in pools))
         serving, detail = pools_status(pools)
+        if self.dispatcher.draining:
+            serving, detail = False, "shutting down"
         status = pb.HealthResponse.SERVING if serving else pb.HealthResponse.NOT_SERVING
         return pb.HealthResponse(status=status, detail=detail)
 
@@ -188,12 +198,14 @@ class RouterServer:
                                                         self.stats.record_decision)
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
-                                     settings.faults.retry_wait_s)
+                                     settings.faults.retry_wait_s, settings.kv_lease_s)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
         self.health = HealthReporter(self.dispatcher.pools)
-        self.http = HttpFrontEnd(self.dispatcher, model, settings, self.stats.record_request, self.exporter.registry)
+        self.guard = Guard.load(settings.security)
+        self.http = HttpFrontEnd(self.dispatcher, model, settings, self.stats.record_request, self.exporter.registry,
+                                 self.guard)
         self.http_port = settings.http_port
         """The HTTP API's bound port once started (-1: off)."""
         self.reflection = settings.reflection
@@ -205,11 +217,15 @@ class RouterServer:
         bound gRPC port (the metrics port is ``service.metrics_port``)."""
         if metrics_port >= 0:
             self.service.metrics_port = self.exporter.serve(host, metrics_port)
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        interceptors = [BearerAuth(self.guard)] if self.guard.token else []
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                                       interceptors=interceptors)
         _add_service(self.service, self._server)
         reflect = self.reflection == "on" or (self.reflection == "auto" and _loopback(host))
         self.health.add_to(self._server, reflect)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        credentials = self.guard.grpc_credentials()
+        bound = (self._server.add_secure_port(f"{host}:{port}", credentials) if credentials
+                 else self._server.add_insecure_port(f"{host}:{port}"))
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
@@ -230,12 +246,18 @@ class RouterServer:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop accepting requests, let running ones end within ``grace_s``, stop polling."""
+        """Drain: health NOT_SERVING and new requests refused at once, running ones given
+        ``grace_s`` to finish, the rest ended with a final message (finish reason ``shutdown``);
+        then stop serving and polling. Called once (SIGTERM in ``pdserve serve``)."""
+        if self._server is not None:
+            await self.health.shutdown()
+        cut = await self.dispatcher.drain(grace_s)
+        if cut:
+            log.warning("shutdown: %d request(s) still running after %.0f s were cut", cut, grace_s)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         if self._server is not None:
-            await self.health.shutdown()
-            await asyncio.gather(self._server.stop(grace_s), self.http.stop())
+            await asyncio.gather(self._server.stop(1.0), self.http.stop())
         self.exporter.stop()

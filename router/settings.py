@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.config import AdmissionConfig, FaultConfig, RoutingConfig, ServeConfig
+from pdserve.config import AdmissionConfig, FaultConfig, RoutingConfig, SecurityConfig, ServeConfig
 from pdserve.types import ModelInfo
 from protos import pdserve_v1_pb2 as pb
 from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel, profile_path
@@ -35,13 +35,18 @@ class ServiceSettings:
     max_prompt_bytes: int = 0
     """Text prompts over this many bytes are refused before tokenizing (0: 64 x the context)."""
     faults: FaultConfig = field(default_factory=FaultConfig)
+    kv_lease_s: float = 60.0
+    """The prefill side's KV lease; the router renews holds it owns every third of it."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """TLS, mutual TLS and the bearer token of the public APIs."""
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServiceSettings:
         """The subset of a deployment's config the router uses."""
         return cls(cfg.prefill.policy, cfg.decode.policy, cfg.default_max_tokens, cfg.request_timeout_s,
                    cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.mode, dict(cfg.prefill.policy_params), cfg.routing,
-                   cfg.admission, cfg.reflection, cfg.http_port, cfg.max_prompt_bytes, cfg.faults)
+                   cfg.admission, cfg.reflection, cfg.http_port, cfg.max_prompt_bytes, cfg.faults,
+                   cfg.kv_transfer.lease_s, cfg.security)
 
     def parse(self, msg: pb.GenerateRequest, model: ModelInfo) -> RouterRequest:
         """Validate a request against this deployment's limits (``router.validate``) and give it

@@ -32,11 +32,41 @@ def test_deploy_yaml_loads_to_defaults():
     ({"port": 70000}, "port must be in 0..65535"),
     ({"kv_transfer": {"lease_s": 0}}, "kv_transfer.lease_s must be > 0"),
     ({"engine": 3}, "engine: expected a mapping, got int"),
+    ({"kv_transfer": {"transport": "pigeon"}}, "kv_transfer.transport must be one of"),
+    ({"security": {"tls_cert": "a.pem"}}, "security.tls_cert and security.tls_key go together"),
+    ({"security": {"tls_client_ca": "ca.pem"}}, "security.tls_client_ca needs tls_cert"),
+    ({"faults": {"drain_s": -1}}, "faults.drain_s must be >= 0"),
 ])
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(ConfigError) as info:
         load(None, overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("token,header,ok", [
+    ("", None, True),                       # auth off: everything passes
+    ("t0k", None, False),
+    ("t0k", "Bearer t0k", True),
+    ("t0k", "bearer t0k", True),            # the scheme is case-insensitive
+    ("t0k", "Bearer t0k2", False),
+    ("t0k", "Basic t0k", False),
+    ("t0k", "t0k", False),
+])
+def test_bearer_token_check(token, header, ok):
+    from router.security import Guard
+
+    assert Guard(token=token).authorized(header) is ok
+
+
+def test_unreadable_security_file_is_a_config_error(tmp_path):
+    from pdserve.config import SecurityConfig
+    from router.security import Guard
+
+    with pytest.raises(ConfigError, match="cannot read"):
+        Guard.load(SecurityConfig(tls_cert=str(tmp_path / "none.pem"), tls_key=str(tmp_path / "none.key")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        Guard.load(SecurityConfig(auth_token_file=str(tmp_path / "empty")))
 
 
 def test_config_overrides_merge_into_yaml():
@@ -116,7 +146,7 @@ def test_unknown_policy_names_the_known_ones():
 
 
 def test_router_imports_neither_torch_nor_vllm():
-    code = ("import sys, router.server, router.dispatch, kv_transfer.transport, kv_transfer.handle, pdserve.cli;"
+    code = ("import sys, router.server, router.dispatch, kv_transfer.control, kv_transfer.handle, pdserve.cli;"
             "bad = [m for m in ('torch', 'vllm') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

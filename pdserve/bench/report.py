@@ -88,21 +88,15 @@ def _pyplot():
 
 def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int = 1000) -> dict:
     """Sequential requests of each prompt length: the router's added latency (client TTFT minus
-    the prefill call), KV-transfer time and bytes, and the transport's throughput against a raw
-    TCP loopback stream of the same bytes measured in the same run."""
+    the prefill call), KV-transfer time and bytes, the transport's throughput against a raw TCP
+    loopback stream of the same bytes measured in the same run, and the gap between the first
+    and the second token (seen by the client) next to the transfer and one decode step."""
     client, rows = PdServeClient(target), []
     try:
         for n in lengths:
             for r in range(repeats):
                 ids = [(vocab_id + 7 * i + 131 * r + n) % 48_000 + 100 for i in range(n)]
-                start = time.perf_counter()
-                done = client.complete(build_request(token_ids=ids, max_tokens=4, ignore_eos=True))
-                ttft_client = done.final.timings.ttft_ms  # router-side TTFT (arrival to first token sent)
-                t = done.final.timings
-                rows.append({"prompt_tokens": n, "router_added_ms": ttft_client - t.prefill_ms,
-                             "client_e2e_ms": (time.perf_counter() - start) * 1e3, "kv_transfer_ms": t.kv_transfer_ms,
-                             "kv_transfer_bytes": t.kv_transfer_bytes,
-                             "raw_tcp_ms": _raw_tcp_ms(t.kv_transfer_bytes) if t.kv_transfer_bytes else None})
+                rows.append(_overhead_row(client, n, ids))
     finally:
         client.close()
     by_len = {}
@@ -114,9 +108,28 @@ def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int =
                      "transport_mib_s": nbytes / 2**20 / (kv_ms / 1e3) if kv_ms else None,
                      "raw_tcp_mib_s": nbytes / 2**20 / (raw_ms / 1e3) if raw_ms else None,
                      "transport_fraction_of_raw": (raw_ms / kv_ms) if kv_ms else None,
-                     "router_added_ms_median": statistics.median(x["router_added_ms"] for x in sel)}
-    return {"per_length": by_len, "requests": rows,
-            "router_added_ms_median": statistics.median(x["router_added_ms"] for x in rows)}
+                     "router_added_ms_median": statistics.median(x["router_added_ms"] for x in sel),
+                     "first_to_second_token_ms_median": statistics.median(x["first_to_second_token_ms"] for x in sel),
+                     "decode_step_ms_median": statistics.median(x["decode_step_ms"] for x in sel)}
+    added = sorted(x["router_added_ms"] for x in rows)
+    return {"per_length": by_len, "requests": rows, "router_added_ms_median": statistics.median(added),
+            "router_added_ms_p99": added[min(len(added) - 1, int(0.99 * len(added)))]}
+
+
+def _overhead_row(client: PdServeClient, n: int, ids: list[int]) -> dict:
+    """One sequential request, timed per streamed token."""
+    start, stamps, final = time.perf_counter(), [], None
+    for msg in client.stream(build_request(token_ids=ids, max_tokens=6, ignore_eos=True)):
+        stamps += [time.perf_counter()] * len(msg.token_ids)
+        final = msg if msg.final else final
+    t = final.timings  # router-side TTFT: arrival to first token sent
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return {"prompt_tokens": n, "router_added_ms": t.ttft_ms - t.prefill_ms,
+            "client_e2e_ms": (time.perf_counter() - start) * 1e3, "kv_transfer_ms": t.kv_transfer_ms,
+            "kv_transfer_bytes": t.kv_transfer_bytes,
+            "first_to_second_token_ms": (stamps[1] - stamps[0]) * 1e3,
+            "decode_step_ms": statistics.median(steps) * 1e3,
+            "raw_tcp_ms": _raw_tcp_ms(t.kv_transfer_bytes) if t.kv_transfer_bytes else None}
 
 
 def _raw_tcp_ms(nbytes: int, chunk: int = 1 << 20) -> float:

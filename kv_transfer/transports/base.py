@@ -1,0 +1,72 @@
+"""The ``KvTransport`` interface: how a decode instance's connector moves held KV blocks from a
+prefill instance into its own. One implementation per module, chosen by name (the handle carries
+the sender's, from ``kv_transfer.transport`` in the config); callers use ``transports.get``.
+
+Every transport shares the same lease registry (``leases.HeldKv``), the same checks before the
+first byte (``leases.PullGate``: fingerprint, hold, secret, range), the gRPC control channel for
+release and renewal (``kv_transfer.control``), and the same contract for ``pull``: bounded by
+``timeout_s``, stopped early by ``cancelled``, raising ``KvTransferError`` on any failure.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+from kv_transfer.handle import KvHandle
+
+if TYPE_CHECKING:
+    from kv_transfer.layout import KvLayout
+    from kv_transfer.leases import PullGate
+
+
+class KvTransferError(RuntimeError):
+    """A pull failed: unreachable sender, refused, checksum mismatch, missing bytes, cancelled."""
+
+
+@dataclass(frozen=True)
+class PullJob:
+    """One pull: the sender's blocks ``first_block..`` of ``handle`` into ``local_block_ids``."""
+
+    layout: KvLayout
+    handle: KvHandle
+    first_block: int
+    local_block_ids: list[int]
+    timeout_s: float
+    rank: int = 0
+    """This worker's tensor-parallel rank: it pulls the same rank's shard (port + rank)."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the request was aborted: the pull stops at its next piece."""
+
+
+@dataclass(frozen=True)
+class ServeContext:
+    """What a transport's server needs on the prefill side."""
+
+    gate: PullGate
+    layout: KvLayout
+    host: str
+    port: int
+    """This transport's data port for this rank (0 when it has none)."""
+    chunk_blocks: int = 64
+
+
+class KvTransport(ABC):
+    """A way to move held KV blocks between two engines' KV tensors."""
+
+    name: ClassVar[str]
+    acks_release: ClassVar[bool] = False
+    """True when a successful ``pull`` already released the sender's hold (no Release call)."""
+    data_port: ClassVar[bool] = False
+    """True when the transport serves its bytes on a port of its own (handle.data_port)."""
+
+    @abstractmethod
+    def serve(self, ctx: ServeContext) -> Callable[[], None] | None:
+        """Start serving ``ctx.gate``'s holds (prefill side, once per rank); return its stop
+        function, or None when the gRPC control server already serves this transport."""
+
+    @abstractmethod
+    def pull(self, job: PullJob) -> int:
+        """Copy the job's blocks into its local blocks; return the bytes received. On failure the
+        local blocks may hold partial data: the caller must report the load failed."""

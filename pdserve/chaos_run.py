@@ -1,0 +1,189 @@
+"""The ``pdserve chaos`` run: the schedule of faults over a load, and the fault-free run beside it
+(the pieces are in ``pdserve.chaos``)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from pdserve import config as config_mod
+from pdserve.chaos import (ALL_FAULTS, Fault, LoadClient, Outcome, Run, ServeProcess, free_port, prompts,
+                           signal_tree, summary, write)
+from pdserve.client import PdServeClient
+
+SLOT = {"decode": 0.10, "prefill": 0.30, "corrupt": 0.45, "blackhole": 0.55, "router": 0.75}
+"""Each fault's earliest time, as a fraction of the load's duration (it also waits for the
+deployment to recover from the previous fault)."""
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    """What ``pdserve chaos`` runs."""
+
+    config: str = "deploy/local.yaml"
+    prefill: int = 2
+    decode: int = 2
+    duration_s: float = 120.0
+    rate: float = 1.0
+    faults: tuple[str, ...] = ALL_FAULTS
+    baseline: bool = True
+    blackhole_s: float = 8.0
+    timeout_s: float = 120.0
+    seed: int = 0
+
+
+def run(plan: ChaosPlan, out: Path) -> dict:
+    """Start a deployment, run the fault-free load (``plan.baseline``) and the chaos load, stop it;
+    write and return the report."""
+    name, port = f"chaos-{os.getpid()}", free_port()
+    log = out.with_suffix(".serve.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    serve = ServeProcess(["--config", plan.config, "--name", name, "--prefill", str(plan.prefill), "--decode",
+                          str(plan.decode), "--port", str(port), "--http-port", "-1", "--metrics-port", "-1"], log)
+    report: dict = {"plan": {**plan.__dict__, "faults": list(plan.faults)}}
+    try:
+        engines = serve.start()
+        target = f"127.0.0.1:{port}"
+        if plan.baseline:
+            report["fault_free"] = summary(asyncio.run(_load(plan, target, serve, engines, faults=())))
+        report["chaos"] = summary(asyncio.run(_load(plan, target, serve, engines, faults=plan.faults)))
+    finally:
+        serve.terminate()
+        from pdserve import launch
+
+        launch.stop(config_mod.load(plan.config, {"name": name}))
+    write(out, report)
+    return report
+
+
+async def _load(plan: ChaosPlan, target: str, serve: ServeProcess, engines: dict[str, int],
+                faults: tuple[str, ...]) -> Run:
+    router_down = asyncio.Event()
+    client = LoadClient(target, plan.timeout_s, router_down)
+    result, t0 = Run(), time.monotonic()
+    rng = random_offsets(plan)
+    sends = [asyncio.create_task(_at(t0 + t, client, p, t0)) for t, p in zip(rng, prompts(len(rng), plan.seed))]
+    injector = asyncio.create_task(_inject(plan, target, serve, engines, faults, client, result, t0))
+    result.outcomes = list(await asyncio.gather(*sends))
+    result.duration_s = time.monotonic() - t0
+    await injector
+    result.idle_after_s = await _idle(target, 90.0)
+    await client.channel.close()
+    return result
+
+
+def random_offsets(plan: ChaosPlan) -> list[float]:
+    import random
+
+    rng, t, out = random.Random(plan.seed), 0.0, []
+    while t < plan.duration_s:
+        out.append(t)
+        t += rng.expovariate(plan.rate)
+    return out
+
+
+async def _at(when: float, client: LoadClient, prompt: list[int], t0: float) -> Outcome:
+    await asyncio.sleep(max(0.0, when - time.monotonic()))
+    return await client.one(prompt, t0)
+
+
+async def _inject(plan: ChaosPlan, target: str, serve: ServeProcess, engines: dict[str, int],
+                  faults: tuple[str, ...], client: LoadClient, result: Run, t0: float) -> None:
+    """Run the faults in order, each at its slot and after the previous one recovered."""
+    for kind in sorted(faults, key=SLOT.__getitem__):
+        await asyncio.sleep(max(0.0, t0 + SLOT[kind] * plan.duration_s - time.monotonic()))
+        fault = Fault(kind, time.monotonic() - t0)
+        result.faults.append(fault)
+        killed = await _apply(kind, fault, plan, target, serve, engines, client)
+        fault.until = max(fault.until, fault.at)
+        if killed:  # the router sees the killed engine down before it can see it back
+            await _poll(target, 15.0, lambda i: i.name != killed or not i.alive)
+        if kind in ("decode", "prefill", "blackhole") and await _poll(target, 300.0, lambda i: i.alive) is not None:
+            fault.recovered_s = time.monotonic() - t0 - fault.until
+
+
+async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: ServeProcess,
+                 engines: dict[str, int], client: LoadClient) -> str:
+    """Inject ``kind``; the name of the engine it killed ("" when none)."""
+    victim = ""
+    if kind in ("decode", "prefill"):
+        victim = sorted(n for n in engines if n.startswith(kind))[-1]
+        signal_tree(engines[victim], signal.SIGKILL)
+        fault.detail = f"SIGKILL {victim} (pid {engines[victim]}) and its engine processes; Ray restarts it"
+    elif kind == "blackhole":
+        victim = sorted(n for n in engines if n.startswith("prefill"))[0]
+        signal_tree(engines[victim], signal.SIGSTOP)
+        await asyncio.sleep(plan.blackhole_s)
+        signal_tree(engines[victim], signal.SIGCONT)
+        fault.until = fault.at + plan.blackhole_s
+        fault.detail = f"SIGSTOP {victim}'s process tree for {plan.blackhole_s:g} s (engine and KV server silent)"
+        victim = ""
+    elif kind == "corrupt":
+        fault.detail = await asyncio.to_thread(_corrupt_one, plan, target)
+    elif kind == "router":
+        client.router_down.set()
+        serve.kill()
+        start = time.monotonic()
+        await asyncio.to_thread(serve.start, 300.0)
+        fault.recovered_s = time.monotonic() - start
+        fault.detail = "SIGKILL the router process, start it again (it re-attaches)"
+        await asyncio.sleep(2.0)
+        client.router_down.clear()
+    return victim
+
+
+def _corrupt_one(plan: ChaosPlan, target: str) -> str:
+    """One request through the deployment's engines with a KV transfer whose bytes are flipped on
+    the wire (the prefill worker's test fault): the decode must detect it and recompute."""
+    import ray
+
+    from pdserve.cluster import Cluster
+    from pdserve.types import SamplingSpec
+
+    cfg = config_mod.load(plan.config, {"name": f"chaos-{os.getpid()}"})
+    cluster = Cluster.attach(cfg)
+    try:
+        prefill, decode = cluster.prefill[0].actor, cluster.decode[0].actor
+        ids, spec = prompts(1, plan.seed + 1)[0], SamplingSpec(max_tokens=8, ignore_eos=True)
+        first = ray.get(prefill.prefill.remote("chaos-corrupt", ids, spec, True, "corrupt"), timeout=120)
+        tokens, report = 1, {}
+        for ref in decode.decode.options(num_returns="streaming").remote("chaos-corrupt", ids, first.token_id, spec,
+                                                                          first.kv_params):
+            chunk = ray.get(ref, timeout=120)
+            tokens, report = tokens + len(chunk.token_ids), chunk.kv or report
+        return f"corrupted transfer: load failed ({report.get('failed', '')[:60]}), recomputed, {tokens}/8 tokens"
+    finally:
+        ray.shutdown()
+
+
+async def _idle(target: str, timeout_s: float) -> float | None:
+    """Seconds until every instance is alive, runs nothing and holds no KV."""
+    return await _poll(target, timeout_s, lambda i: i.alive and not i.waiting and not i.running
+                       and i.kv_cache_usage == 0.0)
+
+
+async def _poll(target: str, timeout_s: float, good) -> float | None:
+    """Seconds until ``good`` holds for every instance the router reports (None: not in bound)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            info = await asyncio.to_thread(_info, target)
+            if all(good(i) for p in info.pools for i in p.instances):
+                return time.monotonic() - start
+        except grpc.RpcError:
+            pass
+        await asyncio.sleep(0.5)
+    return None
+
+
+def _info(target: str):
+    client = PdServeClient(target)
+    try:
+        return client.info(5.0)
+    finally:
+        client.close()
