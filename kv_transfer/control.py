@@ -7,6 +7,7 @@ request's decode is queued (the lease heartbeat) and releases KV that no decode 
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
@@ -28,18 +29,30 @@ def stub(host: str, port: int) -> pb_grpc.KvTransferStub:
         return pb_grpc.KvTransferStub(_channels[target])
 
 
+RELEASE_ATTEMPTS = 3
+"""A release that cannot reach its prefill instance is tried this often, 0.2 s then 0.4 s apart
+(after that, the hold's lease frees the blocks)."""
+
+
 def release(handle: KvHandle, rank: int | None = None, timeout_s: float = 2.0) -> bool:
     """Tell the prefill instance to free the handle's blocks on tensor-parallel ``rank`` (None:
-    every rank); False if any is unreachable, unknown or refused (wrong secret)."""
+    every rank), retrying an unreachable one; False if any stays unreachable, or the id is
+    unknown or refused (wrong secret). Blocks the caller for at most about 3 x ``timeout_s``."""
     request = pb.ReleaseRequest(request_id=handle.request_id, secret=handle.secret)
     ranks = range(handle.tp_size) if rank is None else (rank,)
-    released = True
-    for r in ranks:
+    return all([_release_one(stub(handle.host, handle.port + r), request, timeout_s) for r in ranks])
+
+
+def _release_one(kv: pb_grpc.KvTransferStub, request: pb.ReleaseRequest, timeout_s: float) -> bool:
+    for attempt in range(RELEASE_ATTEMPTS):
         try:
-            released &= stub(handle.host, handle.port + r).Release(request, timeout=timeout_s).released
-        except grpc.RpcError:
-            released = False
-    return released
+            return kv.Release(request, timeout=timeout_s).released
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False
+            if attempt + 1 < RELEASE_ATTEMPTS:
+                time.sleep(0.2 * 2 ** attempt)
+    return False
 
 
 def renew(handle: KvHandle, timeout_s: float = 2.0) -> float:

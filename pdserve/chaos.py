@@ -219,6 +219,7 @@ def summary(run: Run, slo_ttft_s: float | None = None) -> dict:
         "goodput_rps": len(ok) / run.duration_s if run.duration_s else 0.0,
         "duration_s": run.duration_s, "idle_after_s": run.idle_after_s,
         "faults": [asdict(f) for f in run.faults],
+        "not_ok": [asdict(o) for o in run.outcomes if o.status != "OK"],
     }
 
 

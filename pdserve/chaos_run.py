@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -12,10 +13,12 @@ from pathlib import Path
 import grpc
 
 from pdserve import config as config_mod
-from pdserve.chaos import (ALL_FAULTS, Fault, LoadClient, Outcome, Run, ServeProcess, free_port, prompts,
-                           signal_tree, summary, write)
+from pdserve.chaos import (ALL_FAULTS, Fault, LoadClient, Run, ServeProcess, free_port, prompts, signal_tree,
+                           summary, write)
 from pdserve.client import PdServeClient
 
+TAIL_S = 10.0
+"""Load continues this long after the last fault ended, so recovery is seen under load."""
 SLOT = {"decode": 0.10, "prefill": 0.30, "corrupt": 0.45, "blackhole": 0.55, "router": 0.75}
 """Each fault's earliest time, as a fraction of the load's duration (it also waits for the
 deployment to recover from the previous fault)."""
@@ -63,33 +66,27 @@ def run(plan: ChaosPlan, out: Path) -> dict:
 
 async def _load(plan: ChaosPlan, target: str, serve: ServeProcess, engines: dict[str, int],
                 faults: tuple[str, ...]) -> Run:
+    """Poisson load for ``plan.duration_s`` and until ``TAIL_S`` after the last fault ended, while
+    ``_inject`` runs the faults; then wait for every answer and for the engines to be idle."""
     router_down = asyncio.Event()
     client = LoadClient(target, plan.timeout_s, router_down)
     result, t0 = Run(), time.monotonic()
-    rng = random_offsets(plan)
-    sends = [asyncio.create_task(_at(t0 + t, client, p, t0)) for t, p in zip(rng, prompts(len(rng), plan.seed))]
     injector = asyncio.create_task(_inject(plan, target, serve, engines, faults, client, result, t0))
+    rng, sends, faults_done = random.Random(plan.seed), [], None
+    while True:
+        now = time.monotonic() - t0
+        if injector.done() and faults_done is None:
+            faults_done = now
+        if now >= plan.duration_s and faults_done is not None and now >= faults_done + TAIL_S:
+            break
+        sends.append(asyncio.create_task(client.one(prompts(1, plan.seed * 100_003 + len(sends))[0], t0)))
+        await asyncio.sleep(rng.expovariate(plan.rate))
     result.outcomes = list(await asyncio.gather(*sends))
     result.duration_s = time.monotonic() - t0
     await injector
     result.idle_after_s = await _idle(target, 90.0)
     await client.channel.close()
     return result
-
-
-def random_offsets(plan: ChaosPlan) -> list[float]:
-    import random
-
-    rng, t, out = random.Random(plan.seed), 0.0, []
-    while t < plan.duration_s:
-        out.append(t)
-        t += rng.expovariate(plan.rate)
-    return out
-
-
-async def _at(when: float, client: LoadClient, prompt: list[int], t0: float) -> Outcome:
-    await asyncio.sleep(max(0.0, when - time.monotonic()))
-    return await client.one(prompt, t0)
 
 
 async def _inject(plan: ChaosPlan, target: str, serve: ServeProcess, engines: dict[str, int],
@@ -140,6 +137,9 @@ async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: S
 def _corrupt_one(plan: ChaosPlan, target: str) -> str:
     """One request through the deployment's engines with a KV transfer whose bytes are flipped on
     the wire (the prefill worker's test fault): the decode must detect it and recompute."""
+    from pdserve import env
+
+    env.apply(env.embedded_ray_env())  # before Ray is first imported: it reads them then
     import ray
 
     from pdserve.cluster import Cluster

@@ -141,6 +141,7 @@ class Dispatcher:
     async def _admit(self, req: RouterRequest, route: RouteRequest, legs: Legs) -> None:
         """Route the prefill, queue it in the router until its engine has room (QUEUED ->
         PREFILLING); raises OverloadedError when admission refuses it."""
+        await self.prefill.wait_live(self.retry_wait_s)
         worker, choice = self.prefill.choose(route)
         legs.ticket = self.prefill.admission.admit(route, req.priority, choice, req.ttft_slo_ms / 1e3, self.in_flight - 1)
         legs.predicted_ttft_s = choice.predicted_ttft_s or legs.ticket.predicted_ttft_s
@@ -188,12 +189,10 @@ class Dispatcher:
         if done >= self.retries:
             raise err
         log.warning("%s; retrying on the %s pool (%d of %d)", err, pool.role, done + 1, self.retries)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_wait_s
-        while not pool.live():
-            if loop.time() >= deadline:
-                raise NoInstanceError(f"no live {pool.role} instance within {self.retry_wait_s:g} s of a failure")
-            await asyncio.sleep(0.25)
+        try:
+            await pool.wait_live(self.retry_wait_s)
+        except NoInstanceError:
+            raise NoInstanceError(f"no live {pool.role} instance within {self.retry_wait_s:g} s of a failure") from None
 
     async def _decode(self, req: RouterRequest, route: RouteRequest, ids: list[int], result: PrefillResult,
                       legs: Legs) -> AsyncIterator:
@@ -203,6 +202,7 @@ class Dispatcher:
         legs.decode_id = req.request_id
         while True:
             prompt, first = ids + legs.sent[:-1], legs.sent[-1]
+            await self.decode.wait_live(self.retry_wait_s)
             legs.decode = self.decode.pick(route)
             if req.state is RequestState.PREFILLING:
                 req.to(RequestState.TRANSFERRING)
@@ -243,6 +243,7 @@ class Dispatcher:
 
     async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
         """Tokenize on a live prefill worker and check the lengths against the context."""
+        await self.prefill.wait_live(self.retry_wait_s)
         worker = self.prefill.helper()
         try:
             ids = await await_worker(self.prefill, worker, worker.actor.tokenize.remote(req.prompt))

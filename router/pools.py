@@ -1,7 +1,9 @@
 """``WorkerPool``: one pool's workers, their last load snapshots, and its routing policy.
 
 The router's poller calls ``refresh`` periodically; request handling calls ``pick``. A worker
-whose load call fails is marked dead until a later refresh answers.
+whose actor is gone is marked dead at once; one that is alive but does not answer its load poll
+(a busy machine, a stalled process) keeps its last snapshot for ``STALL_S``, then is marked dead
+too; either way until a later refresh answers.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from router.admission import AdmissionQueue
 from router.policies import Choice, Policy, RouteRequest
 
 log = logging.getLogger("pdserve.router")
+STALL_S = 6.0
+"""A worker that does not answer its load polls for this long is taken out of routing."""
 
 
 class WorkerPool:
@@ -31,6 +35,7 @@ class WorkerPool:
         self._loads = {w.name: LoadSnapshot(instance=w.name) for w in workers}
         self._helper_turn = 0
         self._down_since: dict[str, float] = {}
+        self._silent_since: dict[str, float] = {}
         self.recoveries: dict[str, tuple[int, float]] = {}
         """Per worker: times it came back after being down, and how long the last outage lasted (s)."""
 
@@ -64,6 +69,16 @@ class WorkerPool:
         choice = self.policy.select(request, candidates)
         self._on_decision(RouteDecision(self.role, self.policy.name, choice.instance, choice.reason))
         return self._workers[choice.instance], choice
+
+    async def wait_live(self, timeout_s: float) -> None:
+        """Return once a worker is live, waiting at most ``timeout_s`` (a restart, a stall);
+        NoInstanceError at once for a pool without workers, or when the wait runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._workers and not self.live() and loop.time() < deadline:
+            await asyncio.sleep(0.25)
+        if not self.live():
+            raise NoInstanceError(f"no live {self.role} instance")
 
     def helper(self) -> Any:
         """A live worker for side work (tokenization), in turn, without consulting the policy
@@ -99,8 +114,16 @@ class WorkerPool:
 
     async def _poll(self, name: str, timeout_s: float) -> LoadSnapshot:
         try:
-            return await asyncio.wait_for(self._workers[name].actor.load.remote(), timeout_s)
-        except Exception as err:  # a dead or hung actor: out of routing, not fatal
-            if self._loads[name].alive:
-                log.warning("%s stopped answering: %s", name, type(err).__name__)
-            return replace(self._loads[name], alive=False)
+            snap = await asyncio.wait_for(self._workers[name].actor.load.remote(), timeout_s)
+            self._silent_since.pop(name, None)
+            return snap
+        except TimeoutError:  # alive but silent: keep routing to it until it has been for STALL_S
+            since = self._silent_since.setdefault(name, time.monotonic())
+            if time.monotonic() - since < STALL_S:
+                return self._loads[name]
+            err_name = f"no answer for {STALL_S:g} s"
+        except Exception as err:  # a dead actor: out of routing at once, not fatal
+            err_name = type(err).__name__
+        if self._loads[name].alive:
+            log.warning("%s stopped answering: %s", name, err_name)
+        return replace(self._loads[name], alive=False)

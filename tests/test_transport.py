@@ -164,20 +164,35 @@ def test_unreachable_sender_fails_within_timeout(name):
 
 @pytest.mark.parametrize("name", TRANSPORTS)
 def test_a_sender_that_stops_answering_costs_one_bounded_wait(name):
-    """A black-holed peer (accepts, never answers) fails that pull by its deadline."""
+    """A black-holed peer (accepts, never answers) fails that pull by its deadline, while a pull
+    from a healthy sender, started during the wait, finishes at once."""
     layout, _ = _layout(seed=1)
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
     port = hole.getsockname()[1]
     handle = KvHandle("127.0.0.1", port, "r", 4, 1, 4, SECRET, name, port)
+    sender = _sender(_layout(seed=5)[0], name)
+    sender.held.hold("ok", [0, 1], secret=SECRET)
+    errors: list[str] = []
+
+    def doomed() -> None:
+        try:
+            _pull(layout, handle, 0, [0], timeout_s=2.0)
+        except KvTransferError as err:
+            errors.append(str(err))
     start = time.monotonic()
+    waiting = threading.Thread(target=doomed)
     try:
-        with pytest.raises(KvTransferError):
-            _pull(layout, handle, 0, [0], timeout_s=1.0)
+        waiting.start()
+        time.sleep(0.2)
+        assert _pull(_layout(seed=2)[0], sender.handle_for("ok"), 0, [3, 4]) > 0
+        still_waiting = waiting.is_alive()  # the healthy pull did not queue behind the doomed one
+        waiting.join(10)
     finally:
         hole.close()
-    assert 0.9 < time.monotonic() - start < 5
+        sender.stop()
+    assert still_waiting and errors and 2.0 < time.monotonic() - start < 8
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)

@@ -61,6 +61,7 @@ class GlooTransport(KvTransport):
 
     def __init__(self) -> None:
         self._pairs: dict[tuple[str, int], _Pair] = {}
+        self._opening: dict[tuple[str, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def serve(self, ctx: ServeContext) -> Callable[[], None]:
@@ -76,8 +77,9 @@ class GlooTransport(KvTransport):
         try:
             for attempt in (1, 2):  # a pair the sender no longer knows (it restarted) is rebuilt once
                 try:
+                    pair = self._pair(key, job, deadline)
                     with socket.create_connection(key, timeout=job.timeout_s) as sock:
-                        return _pull_on(self._pair(key, job, deadline), sock, job, deadline)
+                        return _pull_on(pair, sock, job, deadline)
                 except _StalePair:
                     self._drop(key)
                     if attempt == 2:
@@ -91,11 +93,24 @@ class GlooTransport(KvTransport):
             raise KvTransferError(f"pull from {key[0]}:{key[1]}: {type(err).__name__}: {str(err)[:300]}") from None
 
     def _pair(self, key: tuple[str, int], job: PullJob, deadline: float) -> _Pair:
+        """The cached pair for ``key``, opened by one caller at a time per peer (a silent peer
+        delays only the pulls that need it)."""
         with self._lock:
-            pair = self._pairs.get(key)
+            if key in self._pairs:
+                return self._pairs[key]
+            opening = self._opening.setdefault(key, threading.Lock())
+        if not opening.acquire(timeout=max(0.01, deadline - time.monotonic())):
+            raise KvTransferError(f"pull from {key[0]}:{key[1]}: timed out waiting for the pair to open")
+        try:
+            with self._lock:
+                pair = self._pairs.get(key)
             if pair is None:
-                pair = self._pairs[key] = _open(key, job.layout, deadline)
+                pair = _open(key, job.layout, deadline)
+                with self._lock:
+                    self._pairs[key] = pair
             return pair
+        finally:
+            opening.release()
 
     def _drop(self, key: tuple[str, int]) -> None:
         with self._lock:
