@@ -1,9 +1,9 @@
 """``WorkerPool``: one pool's workers, their last load snapshots, and its routing policy.
 
 The router's poller calls ``refresh`` periodically; request handling calls ``pick``. A worker
-whose actor is gone is marked dead at once; one that is alive but does not answer its load poll
-(a busy machine, a stalled process) keeps its last snapshot for ``STALL_S``, then is marked dead
-too; either way until a later refresh answers.
+whose actor is gone, or that has never answered (an engine still loading), is marked dead at once;
+one that answered before but now does not (a busy machine, a stalled process) keeps its last
+snapshot for ``STALL_S``, then is marked dead too; either way until a later refresh answers.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ class WorkerPool:
         self._helper_turn = 0
         self._down_since: dict[str, float] = {}
         self._silent_since: dict[str, float] = {}
+        self._answered: set[str] = set()
         self.recoveries: dict[str, tuple[int, float]] = {}
         """Per worker: times it came back after being down, and how long the last outage lasted (s)."""
 
@@ -116,12 +117,13 @@ class WorkerPool:
         try:
             snap = await asyncio.wait_for(self._workers[name].actor.load.remote(), timeout_s)
             self._silent_since.pop(name, None)
+            self._answered.add(name)
             return snap
-        except TimeoutError:  # alive but silent: keep routing to it until it has been for STALL_S
+        except TimeoutError:  # silent: one that answered before keeps its place for STALL_S
             since = self._silent_since.setdefault(name, time.monotonic())
-            if time.monotonic() - since < STALL_S:
+            if name in self._answered and self._loads[name].alive and time.monotonic() - since < STALL_S:
                 return self._loads[name]
-            err_name = f"no answer for {STALL_S:g} s"
+            err_name = f"no answer for {time.monotonic() - since + timeout_s:.0f} s"
         except Exception as err:  # a dead actor: out of routing at once, not fatal
             err_name = type(err).__name__
         if self._loads[name].alive:
