@@ -146,9 +146,7 @@ class PullGate:
     def admit(self, request_id: str, secret: str, fingerprint: str, first_block: int = 0,
               num_blocks: int = -1) -> Hold:
         """Pin ``request_id``'s hold for one pull, or raise PullRefused (nothing pinned then)."""
-        if fingerprint != self._fingerprint:
-            raise PullRefused("FAILED_PRECONDITION", f"KV layout fingerprint mismatch: receiver "
-                                                     f"{fingerprint or '(none)'}, sender {self._fingerprint}")
+        self.check_fingerprint(fingerprint)
         entry = self._pin(request_id)
         try:
             if not entry.allows(secret):
@@ -160,6 +158,12 @@ class PullGate:
             self.held.unpin(request_id)
             raise
         return entry
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """PullRefused (FAILED_PRECONDITION) unless a receiver's layout fingerprint equals ours."""
+        if fingerprint != self._fingerprint:
+            raise PullRefused("FAILED_PRECONDITION", f"KV layout fingerprint mismatch: receiver "
+                                                     f"{fingerprint or '(none)'}, sender {self._fingerprint}")
 
     def _pin(self, request_id: str) -> Hold:
         if self.held.known(request_id):

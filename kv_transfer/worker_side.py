@@ -106,8 +106,7 @@ class WorkerSide:
             transport = transports.get(spec.handle.transport)
             job = transports.PullJob(self._layout, spec.handle, spec.first_block, spec.local_block_ids,
                                      self._settings.load_timeout_s, self._rank, cancelled)
-            if cancelled.is_set():
-                raise transports.KvTransferError("cancelled: the request was aborted")
+            job.raise_if_cancelled()
             nbytes = transport.pull(job)
             self._layout.synchronize()  # a GPU cache's copies in are complete before "done"
         except (transports.KvTransferError, KvLayoutError) as err:

@@ -13,9 +13,10 @@ from pathlib import Path
 import grpc
 
 from pdserve import config as config_mod
-from pdserve.chaos import (ALL_FAULTS, Fault, LoadClient, Run, ServeProcess, free_port, prompts, signal_tree,
+from pdserve.chaos import (ALL_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, signal_tree,
                            summary, write)
 from pdserve.client import PdServeClient
+from pdserve.net import free_port
 
 TAIL_S = 10.0
 """Load continues this long after the last fault ended, so recovery is seen under load."""
@@ -40,10 +41,15 @@ class ChaosPlan:
     seed: int = 0
 
 
+def _deployment() -> str:
+    """The name of this chaos process's deployment."""
+    return f"chaos-{os.getpid()}"
+
+
 def run(plan: ChaosPlan, out: Path) -> dict:
     """Start a deployment, run the fault-free load (``plan.baseline``) and the chaos load, stop it;
     write and return the report."""
-    name, port = f"chaos-{os.getpid()}", free_port()
+    name, port = _deployment(), free_port()
     log = out.with_suffix(".serve.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     serve = ServeProcess(["--config", plan.config, "--name", name, "--prefill", str(plan.prefill), "--decode",
@@ -145,7 +151,7 @@ def _corrupt_one(plan: ChaosPlan, target: str) -> str:
     from pdserve.cluster import Cluster
     from pdserve.types import SamplingSpec
 
-    cfg = config_mod.load(plan.config, {"name": f"chaos-{os.getpid()}"})
+    cfg = config_mod.load(plan.config, {"name": _deployment()})
     cluster = Cluster.attach(cfg)
     try:
         prefill, decode = cluster.prefill[0].actor, cluster.decode[0].actor

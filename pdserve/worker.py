@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from typing import Any, AsyncIterator, Awaitable
 
 import ray
 
 from pdserve.config import EngineConfig, KvTransferConfig
+from pdserve.net import free_port
 from pdserve.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
 
 
@@ -25,7 +25,7 @@ class EngineWorker:
         from pdserve.engine import EngineHost
 
         kv_host = ray.util.get_node_ip_address()
-        connector: dict[str, Any] = {"host": kv_host, "port": _free_port(kv_host), "data_port": _free_port(kv_host),
+        connector: dict[str, Any] = {"host": kv_host, "port": free_port(kv_host), "data_port": free_port(kv_host),
                                      "transport": kv.transport, "lease_s": kv.lease_s,
                                      "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks}
         self.name = name
@@ -90,9 +90,3 @@ def _own(err: Exception) -> Exception:
         return err
     line = f"{type(err).__name__}: {err}".splitlines()[0][:500]
     return InvalidRequestError(line) if isinstance(err, ValueError) else WorkerError(line)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

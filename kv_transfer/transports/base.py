@@ -39,6 +39,11 @@ class PullJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the request was aborted: the pull stops at its next piece."""
 
+    def raise_if_cancelled(self) -> None:
+        """KvTransferError once the request was aborted (transports call it between pieces)."""
+        if self.cancelled.is_set():
+            raise KvTransferError("cancelled: the request was aborted")
+
 
 @dataclass(frozen=True)
 class ServeContext:

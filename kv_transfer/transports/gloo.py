@@ -72,8 +72,7 @@ class GlooTransport(KvTransport):
     def pull(self, job: PullJob) -> int:
         key = (job.handle.host, job.handle.data_port + job.rank)
         deadline = time.monotonic() + job.timeout_s
-        if job.cancelled.is_set():
-            raise KvTransferError("cancelled: the request was aborted")
+        job.raise_if_cancelled()
         try:
             for attempt in (1, 2):  # a pair the sender no longer knows (it restarted) is rebuilt once
                 try:
@@ -203,9 +202,10 @@ class _GlooServer:
             self._pull(ctx, conn, ask)
 
     def _open(self, ctx: ServeContext, conn: socket.socket, ask: dict) -> None:
-        if ask.get("fingerprint") != ctx.layout.fingerprint:
-            tcp.send_json(conn, {"ok": False, "code": "FAILED_PRECONDITION", "message": "KV layout fingerprint "
-                                 f"mismatch: receiver {ask.get('fingerprint') or '(none)'}, sender {ctx.layout.fingerprint}"})
+        try:
+            ctx.gate.check_fingerprint(str(ask.get("fingerprint", "")))
+        except PullRefused as err:
+            tcp.send_json(conn, {"ok": False, "code": err.code, "message": err.message})
             return
         timeout = timedelta(seconds=GROUP_TIMEOUT_S)
         store = dist.TCPStore(ctx.host, 0, 2, True, timeout, wait_for_workers=False)

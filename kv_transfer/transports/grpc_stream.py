@@ -28,8 +28,7 @@ class GrpcStreamTransport(KvTransport):
         stream = control.stub(h.host, h.port + job.rank).Pull(request, timeout=job.timeout_s)
         try:
             for chunk in stream:
-                if job.cancelled.is_set():
-                    raise KvTransferError("cancelled: the request was aborted")
+                job.raise_if_cancelled()
                 if zlib.crc32(chunk.data) != chunk.crc32:
                     raise KvTransferError(f"checksum mismatch in layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}")
                 rel = range(chunk.first_block - first, chunk.first_block - first + chunk.num_blocks)

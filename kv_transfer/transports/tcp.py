@@ -55,8 +55,7 @@ class TcpTransport(KvTransport):
         try:
             with socket.create_connection((h.host, h.data_port + job.rank), timeout=job.timeout_s) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if job.cancelled.is_set():
-                    raise KvTransferError("cancelled: the request was aborted")
+                job.raise_if_cancelled()
                 send_json(sock, {"request_id": h.request_id, "secret": h.secret, "fingerprint": layout.fingerprint,
                                   "first_block": job.first_block, "num_blocks": len(job.local_block_ids)})
                 reply = recv_json(sock, deadline)
@@ -80,8 +79,7 @@ def _receive_blocks(sock: socket.socket, job: PullJob, deadline: float) -> bytes
     digest = xxhash.xxh3_64()
     for layer in range(job.layout.num_layers):
         for view in job.layout.pieces(layer, job.local_block_ids):
-            if job.cancelled.is_set():
-                raise KvTransferError("cancelled: the request was aborted")
+            job.raise_if_cancelled()
             target = landing(view)
             buf = as_bytes(target)
             _recv_into(sock, buf, deadline)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pdserve.net import free_port
+
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
 PROMPTS = (1024, 4096, 8192)
 TRANSPORTS = ("tcp", "gloo", "grpc")
@@ -46,11 +48,11 @@ def _sender(conn: Any, num_blocks: int) -> None:
     layout = KvLayout(caches, num_blocks, "bench")
     held = HeldKv(lease_s=600)
     gate = PullGate(held, layout.fingerprint)
-    ports = {"control": _free_port()}
+    ports = {"control": free_port()}
     server = grpc_server.start_server(gate, layout, "127.0.0.1", ports["control"], 64)  # noqa: F841 (kept alive)
     for name in TRANSPORTS:
         if transports.get(name).data_port:
-            ports[name] = _free_port()
+            ports[name] = free_port()
             transports.get(name).serve(transports.ServeContext(gate, layout, "127.0.0.1", ports[name], 64))
     raw = socket.create_server(("127.0.0.1", 0))
     ports["raw"] = raw.getsockname()[1]
@@ -84,12 +86,6 @@ def _raw_pull(port: int, buf: memoryview) -> None:
             if n == 0:
                 raise ConnectionError("raw sender closed early")
             got += n
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(out: Path, rounds: int = 5) -> dict:
