@@ -54,6 +54,7 @@ class HeldKv:
     lease_s: float
     _entries: dict[str, Hold] = field(default_factory=dict)
     _early_releases: dict[str, tuple[float, str]] = field(default_factory=dict)  # id -> (forget after, secret)
+    _ended: dict[str, float] = field(default_factory=dict)  # id -> forget after: pulls for it fail at once
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def hold(self, request_id: str, block_ids: list[int], fault: str = "", secret: str = "") -> None:
@@ -67,9 +68,9 @@ class HeldKv:
             self._lock.notify_all()
 
     def known(self, request_id: str) -> bool:
-        """Whether a hold for ``request_id`` has arrived (released or not)."""
+        """Whether a hold for ``request_id`` has arrived (held, released, or ended within a lease)."""
         with self._lock:
-            return request_id in self._entries
+            return request_id in self._entries or request_id in self._ended
 
     def pin(self, request_id: str, wait_s: float = 0.0) -> Hold | None:
         """Mark a pull in flight (the lease cannot expire under it); None if unknown or ended.
@@ -78,7 +79,7 @@ class HeldKv:
         step before its worker side registers the blocks, so a fast decode instance can ask first.
         """
         with self._lock:
-            self._lock.wait_for(lambda: request_id in self._entries, timeout=wait_s)
+            self._lock.wait_for(lambda: request_id in self._entries or request_id in self._ended, timeout=wait_s)
             entry = self._entries.get(request_id)
             if entry is None or entry.released:
                 return None
@@ -118,15 +119,20 @@ class HeldKv:
             return True
 
     def take_finished(self, now: float | None = None) -> set[str]:
-        """Remove and return ids released, or whose lease ran out with no pull in flight."""
+        """Remove and return ids released, or whose lease ran out with no pull in flight. An ended
+        id is remembered for one lease, so a late pull for it is refused at once, not after
+        HOLD_WAIT_S."""
         now = time.monotonic() if now is None else now
         with self._lock:
             done = {rid for rid, e in self._entries.items()
                     if (e.released or e.deadline <= now) and e.pulls == 0}
             for rid in done:
                 del self._entries[rid]
+                self._ended[rid] = now + self.lease_s
             for rid in [r for r, (forget, _) in self._early_releases.items() if forget <= now]:
                 del self._early_releases[rid]
+            for rid in [r for r, forget in self._ended.items() if forget <= now]:
+                del self._ended[rid]
             return done
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ safe to call concurrently (vLLM's AsyncLLM multiplexes requests).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -22,6 +23,8 @@ from pdserve.types import (DecodeChunk, InvalidRequestError, LoadSnapshot, Model
                            PromptInput, SamplingSpec)
 
 ROLES = ("prefill", "decode", "colocated")
+MAX_ABORTED_IDS = 10_000
+"""Aborted request ids remembered, so an abort that overtakes its request still ends it."""
 _KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
@@ -54,6 +57,7 @@ class EngineHost:
             raise ValueError(f"unknown role {role!r}")
         self.role, self.cfg = role, cfg
         self.stats = EngineStatsLogger()
+        self._aborted: OrderedDict[str, None] = OrderedDict()
         args = engine_args(cfg, model, role, connector or {})
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory])
         self.tokenizer = self.engine.get_tokenizer()
@@ -87,13 +91,13 @@ class EngineHost:
         params = {DO_REMOTE_DECODE: True, **({FAULT: fault} if fault else {})} if remote_decode else None
         start = time.perf_counter()
         tokens, text, last = [], "", None
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids},
-                                              sampling_params(spec, 1, params), request_id):
+        async for out in self._generate(request_id, prompt_ids, sampling_params(spec, 1, params)):
             tokens += out.outputs[0].token_ids
             text += out.outputs[0].text
             last = out
         if last is None or not tokens:
-            raise RuntimeError(f"prefill of {request_id} produced no token")
+            raise RuntimeError(f"prefill of {request_id} " + ("was aborted" if request_id in self._aborted
+                                                              else "produced no token"))
         return PrefillResult(token_id=tokens[0], text=text, finish_reason=_finish(last),
                              kv_params=last.kv_transfer_params, num_prompt_tokens=len(prompt_ids),
                              num_cached_tokens=last.num_cached_tokens or 0,
@@ -103,8 +107,7 @@ class EngineHost:
                      kv_params: dict[str, Any] | None = None) -> AsyncIterator[DecodeChunk]:
         """Generate up to ``max_tokens`` tokens, yielding deltas; the last chunk has the finish
         reason and, for a KV load, its report. Cancelling the iteration aborts the request."""
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids},
-                                              sampling_params(spec, max_tokens, kv_params), request_id):
+        async for out in self._generate(request_id, prompt_ids, sampling_params(spec, max_tokens, kv_params)):
             completion = out.outputs[0]
             finish = _finish(out)
             report = LoadReport.from_params(out.kv_transfer_params) if out.finished else None
@@ -112,8 +115,25 @@ class EngineHost:
                               report.__dict__ if report else {})
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request if it is still running (its KV blocks return to the pool)."""
+        """Abort a request if it is still running (its KV blocks return to the pool). The id is
+        remembered, so a request whose abort arrived first (an actor runs calls concurrently) ends
+        at its start or at its next output."""
+        self._aborted[request_id] = None
+        while len(self._aborted) > MAX_ABORTED_IDS:
+            self._aborted.popitem(last=False)
         await self.engine.abort(request_id)
+
+    async def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Any]:
+        """The engine's outputs for one request, ending early (aborted) once ``abort`` named it.
+        Request ids are unique per attempt (the router makes them so), so a remembered id never
+        matches a later request."""
+        if request_id in self._aborted:
+            return
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+            if request_id in self._aborted and not out.finished:
+                await self.engine.abort(request_id)
+                return
+            yield out
 
     def load(self, name: str) -> LoadSnapshot:
         """The engine's latest reported load."""

@@ -29,8 +29,8 @@ import ray
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
-from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, await_worker, quiet, request_record,
-                         router_block_tokens, terminal_state)
+from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, quiet,
+                         request_record, router_block_tokens, terminal_state)
 from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
@@ -123,7 +123,8 @@ class Dispatcher:
         """One engine serves both phases (the colocated baseline); PREFILLING -> DECODING."""
         await self._admit(req, route, legs)
         legs.decode = legs.prefill
-        stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(req.request_id, ids, req.sampling)
+        legs.decode_id = attempt_id(req.request_id)
+        stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(legs.decode_id, ids, req.sampling)
         async for ref in stream:
             chunk = await await_worker(self.prefill, legs.prefill, ref)
             if req.state is RequestState.PREFILLING and chunk.token_ids:
@@ -171,7 +172,8 @@ class Dispatcher:
         """The prefill call, retried on a worker failure (the client has seen nothing yet)."""
         while True:
             await self._admit(req, route, legs)
-            legs.prefill_ref = legs.prefill.actor.prefill.remote(req.request_id, ids, req.sampling, route.max_tokens > 1)
+            legs.prefill_id = attempt_id(req.request_id)
+            legs.prefill_ref = legs.prefill.actor.prefill.remote(legs.prefill_id, ids, req.sampling, route.max_tokens > 1)
             try:
                 result = await await_worker(self.prefill, legs.prefill, legs.prefill_ref)
             except WorkerFailedError as err:
@@ -199,7 +201,7 @@ class Dispatcher:
         """The decode stream, continued on another instance after a worker failure: with the same KV
         handle if nothing was decoded yet, else from the prompt plus every token already sent."""
         kv_params, spec = result.kv_params, req.sampling
-        legs.decode_id = req.request_id
+        legs.decode_id = attempt_id(req.request_id)
         while True:
             prompt, first = ids + legs.sent[:-1], legs.sent[-1]
             await self.decode.wait_live(self.retry_wait_s)
@@ -227,7 +229,7 @@ class Dispatcher:
                 if renewal is not None:
                     renewal.cancel()
             legs.decode_migrations += 1
-            legs.decode_id = f"{req.request_id}#migrated-{legs.decode_migrations}"
+            legs.decode_id = attempt_id(f"{req.request_id}#migrated-{legs.decode_migrations}")
             if len(legs.sent) > 1:  # tokens were decoded: recompute from the prompt and them
                 kv_params = None
                 spec = replace(req.sampling, max_tokens=req.sampling.max_tokens - len(legs.sent) + 1)
@@ -280,12 +282,12 @@ class Dispatcher:
         try:
             async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
                 if legs.prefill_ref is not None:
-                    await quiet(legs.prefill.actor.abort.remote(req.request_id))
+                    await quiet(legs.prefill.actor.abort.remote(legs.prefill_id))
                     late = await quiet(legs.prefill_ref)  # it may have finished before the abort
                     legs.handle = KvHandle.from_params(getattr(late, "kv_params", None))
                 if legs.handle is not None:
                     await asyncio.to_thread(control.release, legs.handle)
                 if legs.decode is not None and not legs.decode_done:
-                    await quiet(legs.decode.actor.abort.remote(legs.decode_id or req.request_id))
+                    await quiet(legs.decode.actor.abort.remote(legs.decode_id))
         except TimeoutError:
             log.warning("cleanup of %s timed out", req.request_id)

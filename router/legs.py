@@ -4,6 +4,7 @@ that turn Ray's errors into pdserve's. Used by ``router.dispatch`` and the front
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,8 +79,10 @@ class Legs:
     ticket: Ticket | None = None
     sent: list[int] = field(default_factory=list)
     """Token ids the client has received (a decode migration continues after them)."""
+    prefill_id: str = ""
+    """The prefill engine's id of the current prefill attempt (``attempt_id``)."""
     decode_id: str = ""
-    """The decode engine's id of the request (a migration gets a new one)."""
+    """The decode engine's id of the request (``attempt_id``; a migration gets a new one)."""
     prefill_retries: int = 0
     decode_migrations: int = 0
 
@@ -104,6 +107,12 @@ async def await_worker(pool: Any, worker: Any, ref: Any) -> Any:
     except ray.exceptions.RayError as err:
         pool.mark_dead(worker.name)
         raise WorkerFailedError(f"{worker.name} is unavailable: {type(err).__name__}") from None
+
+
+def attempt_id(request_id: str) -> str:
+    """An engine-side id for one attempt at ``request_id``: unique even when clients reuse ids, so
+    an engine's memory of aborted ids (``EngineHost.abort``) never ends a later attempt."""
+    return f"{request_id}-{secrets.token_hex(4)}"
 
 
 async def quiet(ref: Any) -> Any:

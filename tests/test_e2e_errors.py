@@ -7,10 +7,12 @@ import sys
 
 import grpc
 import pytest
+import ray
 
 from conftest import start_router, stop_router, wait_until
-from helpers import idle
+from helpers import idle, loads, tokenize
 from pdserve.client import PdServeClient, build_request
+from pdserve.types import PromptInput, SamplingSpec
 from protos import pdserve_v1_pb2 as pb
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 150  # about 1,500 tokens
@@ -77,6 +79,26 @@ def test_deadline_during_prefill_frees_blocks(cluster, client):
         client.complete(build_request(prompt=LONG + " once more", max_tokens=200, ignore_eos=True), timeout_s=0.05)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: idle(cluster), 30), "blocks still held after the deadline"
+
+
+@pytest.mark.parametrize("call", ["prefill", "generate", "decode"])
+def test_an_abort_that_arrives_before_its_request_still_ends_it(cluster, call):
+    """A worker runs calls concurrently, so the router's abort can reach the engine before the
+    request it aborts: the request must still end at once, not run unobserved to its last token."""
+    ids = tokenize(cluster, PromptInput(text=LONG))
+    spec = SamplingSpec(max_tokens=300, ignore_eos=True)
+    worker = (cluster.decode if call == "decode" else cluster.prefill)[0].actor
+    request_id = f"aborted-first-{call}"
+    ray.get(worker.abort.remote(request_id), timeout=30)
+    if call == "prefill":
+        with pytest.raises(ray.exceptions.RayTaskError, match="was aborted"):
+            ray.get(worker.prefill.remote(request_id, ids, spec, True), timeout=60)
+    else:
+        method = worker.decode if call == "decode" else worker.generate
+        args = (request_id, ids, 42, spec, None) if call == "decode" else (request_id, ids, spec)
+        chunks = [ray.get(ref, timeout=60) for ref in method.options(num_returns="streaming").remote(*args)]
+        assert chunks == []
+    assert wait_until(lambda: idle(cluster), 30), loads(cluster)
 
 
 def test_duplicate_request_id_is_rejected(client):

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from conftest import start_router, stop_router, wait_until
-from helpers import STORY, idle, reset_caches
+from helpers import STORY, idle, loads, reset_caches
 from pdserve.client import build_request
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -140,7 +140,7 @@ def test_overload_unavailable_and_deadline_statuses(cluster):
     assert unavailable.status_code == 503 and unavailable.json()["error"]["message"] == "no live decode instance"
     assert health.status_code == 503 and "decode" in health.json()["detail"]
     assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
-    assert wait_until(lambda: idle(cluster), 30)
+    assert wait_until(lambda: idle(cluster), 30), loads(cluster)
 
 
 def test_health_and_metrics(router):

@@ -247,6 +247,31 @@ def test_release_before_hold_frees_on_arrival():
     assert held.take_finished() == {"early"}
 
 
+@pytest.mark.parametrize("ending", ["released", "expired"])
+def test_a_pull_for_an_ended_hold_is_refused_at_once(monkeypatch, ending):
+    """A decode that asks after the hold ended (the router released it, or its lease ran out) gets
+    NOT_FOUND at once, not after waiting for a hold that cannot come."""
+    monkeypatch.setattr(leases, "HOLD_WAIT_S", 3600.0)
+    gate = PullGate(HeldKv(lease_s=10), "fp")
+    gate.held.hold("gone", [1], secret=SECRET)
+    if ending == "released":
+        assert gate.held.release("gone", SECRET) is True
+    assert gate.held.take_finished(now=time.monotonic() + (0 if ending == "released" else 11)) == {"gone"}
+    refused = []
+    asker = threading.Thread(target=lambda: refused.append(_refusal(gate, "gone")), daemon=True)
+    asker.start()
+    asker.join(30)
+    assert refused == ["NOT_FOUND"]
+
+
+def _refusal(gate: PullGate, request_id: str) -> str:
+    try:
+        gate.admit(request_id, SECRET, "fp")
+    except leases.PullRefused as err:
+        return err.code
+    return "admitted"
+
+
 def test_scatter_rejects_wrong_size():
     layout, _ = _layout(seed=1)
     with pytest.raises(KvLayoutError, match="expected"):
