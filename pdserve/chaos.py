@@ -3,7 +3,8 @@ request (docs/reliability.md).
 
 It starts ``pdserve serve`` as operators do (its own process and Ray head, ``--name``), sends
 Poisson load over gRPC, and on a schedule: SIGKILLs a decode worker and a prefill worker (with
-their engine processes), corrupts one KV transfer, black-holes a prefill worker (SIGSTOP of its
+their engine processes), stalls a decode engine (SIGSTOP of its engine processes while its actor
+still answers: the router's progress watchdog must replace it), corrupts one KV transfer, black-holes a prefill worker (SIGSTOP of its
 whole process tree, so its engine and KV server stop answering, then SIGCONT), and SIGKILLs the
 router and starts it again. A client whose stream the router kill cut (UNAVAILABLE) resends the
 request once the router is back; those requests are counted apart. After the load it waits for
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import signal
@@ -30,8 +30,8 @@ from pdserve.client import build_request
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 
-WORKER_FAULTS = ("decode", "prefill", "blackhole")
-ALL_FAULTS = ("decode", "prefill", "corrupt", "blackhole", "router")
+WORKER_FAULTS = ("decode", "prefill", "stall", "blackhole")
+ALL_FAULTS = ("decode", "prefill", "stall", "corrupt", "blackhole", "router")
 MAX_TOKENS = 24
 
 
@@ -108,32 +108,6 @@ class ServeProcess:
                 self.proc.wait(90)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def signal_tree(pid: int, sig: int) -> None:
-    """Send ``sig`` to ``pid`` and every descendant (children first for SIGSTOP's sake)."""
-    for p in reversed(process_tree(pid)):
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
 
 
 class LoadClient:

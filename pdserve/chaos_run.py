@@ -7,20 +7,20 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
 from pdserve import config as config_mod
-from pdserve.chaos import (ALL_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, signal_tree,
-                           summary, write)
+from pdserve.chaos import ALL_FAULTS, WORKER_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, summary, write
 from pdserve.client import PdServeClient
 from pdserve.net import free_port
+from pdserve.procs import process_tree, signal_tree
 
 TAIL_S = 10.0
 """Load continues this long after the last fault ended, so recovery is seen under load."""
-SLOT = {"decode": 0.10, "prefill": 0.30, "corrupt": 0.45, "blackhole": 0.55, "router": 0.75}
+SLOT = {"decode": 0.10, "prefill": 0.30, "stall": 0.35, "corrupt": 0.45, "blackhole": 0.55, "router": 0.75}
 """Each fault's earliest time, as a fraction of the load's duration (it also waits for the
 deployment to recover from the previous fault)."""
 
@@ -37,6 +37,9 @@ class ChaosPlan:
     faults: tuple[str, ...] = ALL_FAULTS
     baseline: bool = True
     blackhole_s: float = 8.0
+    stall_s: float = 0.0
+    """Set by ``run`` from the config's ``faults.progress_timeout_s``: a stalled engine is replaced
+    after it."""
     timeout_s: float = 120.0
     seed: int = 0
 
@@ -49,6 +52,7 @@ def _deployment() -> str:
 def run(plan: ChaosPlan, out: Path) -> dict:
     """Start a deployment, run the fault-free load (``plan.baseline``) and the chaos load, stop it;
     write and return the report."""
+    plan = replace(plan, stall_s=config_mod.load(plan.config).faults.progress_timeout_s)
     name, port = _deployment(), free_port()
     log = out.with_suffix(".serve.log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +108,14 @@ async def _inject(plan: ChaosPlan, target: str, serve: ServeProcess, engines: di
         result.faults.append(fault)
         killed = await _apply(kind, fault, plan, target, serve, engines, client)
         fault.until = max(fault.until, fault.at)
-        if killed:  # the router sees the killed engine down before it can see it back
-            await _poll(target, 15.0, lambda i: i.name != killed or not i.alive)
-        if kind in ("decode", "prefill", "blackhole") and await _poll(target, 300.0, lambda i: i.alive) is not None:
+        if killed:  # the router sees the killed (or stalled) engine down before it can see it back
+            seen = await _poll(target, 15.0 + plan.stall_s, lambda i: i.name != killed or not i.alive)
+            if seen is None:
+                fault.detail += "; the router never took it out of routing"
+                continue
+        if kind == "stall":
+            fault.until = time.monotonic() - t0
+        if kind in WORKER_FAULTS and await _poll(target, 300.0, lambda i: i.alive) is not None:
             fault.recovered_s = time.monotonic() - t0 - fault.until
 
 
@@ -118,6 +127,13 @@ async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: S
         victim = sorted(n for n in engines if n.startswith(kind))[-1]
         signal_tree(engines[victim], signal.SIGKILL)
         fault.detail = f"SIGKILL {victim} (pid {engines[victim]}) and its engine processes; Ray restarts it"
+    elif kind == "stall":
+        victim = sorted(n for n in engines if n.startswith("decode"))[0]
+        stopped = process_tree(engines[victim])[1:]
+        signal_tree(engines[victim], signal.SIGSTOP, include_root=False)
+        asyncio.get_running_loop().call_later(plan.stall_s + 15.0, _resume, stopped)
+        fault.detail = (f"SIGSTOP {victim}'s engine processes (its actor still answers load polls): the "
+                        "progress watchdog replaces it")
     elif kind == "blackhole":
         victim = sorted(n for n in engines if n.startswith("prefill"))[0]
         signal_tree(engines[victim], signal.SIGSTOP)
@@ -138,6 +154,15 @@ async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: S
         await asyncio.sleep(2.0)
         client.router_down.clear()
     return victim
+
+
+def _resume(pids: list[int]) -> None:
+    """SIGCONT processes a stall fault stopped, should the watchdog not have ended them."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def _corrupt_one(plan: ChaosPlan, target: str) -> str:

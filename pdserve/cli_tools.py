@@ -59,7 +59,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     chaos.add_argument("--prefill", type=int, default=2), chaos.add_argument("--decode", type=int, default=2)
     chaos.add_argument("--duration", type=float, default=120.0, help="seconds of Poisson load per run")
     chaos.add_argument("--rate", type=float, default=1.0, help="requests per second")
-    chaos.add_argument("--faults", default="decode,prefill,corrupt,blackhole,router")
+    chaos.add_argument("--faults", default="decode,prefill,stall,corrupt,blackhole,router")
     chaos.add_argument("--no-baseline", action="store_true", help="skip the fault-free run")
     chaos.add_argument("--seed", type=int, default=0)
     chaos.add_argument("--out", default="docs/results/reliability/chaos.json")

@@ -143,9 +143,13 @@ class FaultConfig:
     drain_s: float = 30.0
     """On SIGTERM, running requests get this long to finish; the rest end with a final message
     (finish reason ``shutdown``). New requests are refused from the signal on."""
+    progress_timeout_s: float = 10.0
+    """The progress watchdog: a worker whose engine completes no step for this long while it has
+    requests running or waiting is stalled. Its requests fail over and it is replaced (0: off)."""
 
     def __post_init__(self) -> None:
         _require(self.drain_s >= 0, "faults.drain_s must be >= 0")
+        _require(self.progress_timeout_s >= 0, "faults.progress_timeout_s must be >= 0")
         _require(self.max_restarts >= -1, "faults.max_restarts must be >= -1")
         _require(self.request_retries >= 0, "faults.request_retries must be >= 0")
         _require(self.retry_wait_s > 0, "faults.retry_wait_s must be > 0")

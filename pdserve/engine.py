@@ -58,6 +58,8 @@ class EngineHost:
         self.role, self.cfg = role, cfg
         self.stats = EngineStatsLogger()
         self._aborted: OrderedDict[str, None] = OrderedDict()
+        self.accepted = 0
+        """Requests handed to the engine that have not ended (``_generate`` counts them)."""
         args = engine_args(cfg, model, role, connector or {})
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory])
         self.tokenizer = self.engine.get_tokenizer()
@@ -129,15 +131,19 @@ class EngineHost:
         matches a later request."""
         if request_id in self._aborted:
             return
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
-            if request_id in self._aborted and not out.finished:
-                await self.engine.abort(request_id)
-                return
-            yield out
+        self.accepted += 1
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+                if request_id in self._aborted and not out.finished:
+                    await self.engine.abort(request_id)
+                    return
+                yield out
+        finally:
+            self.accepted -= 1
 
     def load(self, name: str) -> LoadSnapshot:
         """The engine's latest reported load."""
-        return self.stats.snapshot(name, alive=not self.engine.errored)
+        return self.stats.snapshot(name, alive=not self.engine.errored, accepted=self.accepted)
 
     def shutdown(self) -> None:
         """Stop the engine's processes."""

@@ -141,6 +141,8 @@ class _PoolCollector:
         hits = CounterMetricFamily("pdserve_instance_prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels)
         recovered = CounterMetricFamily("pdserve_instance_recoveries", "Times the instance came back after being down.", labels=labels)
         outage = GaugeMetricFamily("pdserve_instance_last_recovery_seconds", "How long the instance's last outage lasted (time to recovery).", labels=labels)
+        stalls = CounterMetricFamily("pdserve_instance_stalls", "Times the progress watchdog found the instance's engine stalled and replaced it.", labels=labels)
+        steps = CounterMetricFamily("pdserve_instance_engine_steps", "Engine steps of the instance's current incarnation.", labels=labels)
         for pool in self._pools:
             for s in pool.snapshots():
                 key = [pool.role, s.instance]
@@ -153,7 +155,9 @@ class _PoolCollector:
                 count, seconds = getattr(pool, "recoveries", {}).get(s.instance, (0, 0.0))
                 recovered.add_metric(key, count)
                 outage.add_metric(key, seconds)
-        return [up, waiting, running, usage, queries, hits, recovered, outage]
+                stalls.add_metric(key, getattr(pool, "stalls", {}).get(s.instance, 0))
+                steps.add_metric(key, s.steps)
+        return [up, waiting, running, usage, queries, hits, recovered, outage, stalls, steps]
 
 
 class _AdmissionCollector:

@@ -6,6 +6,7 @@ the actor reads ``snapshot`` when the router polls it.
 """
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ class _Totals:
     prefix_hits: int = 0
     external_queries: int = 0
     external_hits: int = 0
+    steps: int = 0
 
 
 class EngineStatsLogger:
@@ -30,6 +32,8 @@ class EngineStatsLogger:
     def __init__(self) -> None:
         self._totals = _Totals()
         self._lock = threading.Lock()
+        self.boot = secrets.token_hex(6)
+        """This engine incarnation's id, reported in every snapshot."""
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> _Recorder:
         """Called by vLLM once per engine to build the logger object it drives."""
@@ -41,6 +45,7 @@ class EngineStatsLogger:
             return
         t = self._totals
         with self._lock:
+            t.steps += 1
             t.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
             t.running = scheduler_stats.num_running_reqs
             t.kv_cache_usage = scheduler_stats.kv_cache_usage
@@ -51,13 +56,15 @@ class EngineStatsLogger:
                 t.external_queries += external.queries
                 t.external_hits += external.hits
 
-    def snapshot(self, name: str, alive: bool = True) -> LoadSnapshot:
-        """The latest load of this engine, named ``name``."""
+    def snapshot(self, name: str, alive: bool = True, accepted: int = 0) -> LoadSnapshot:
+        """The latest load of this engine, named ``name``; ``accepted`` is the worker's own count
+        of its requests in the engine."""
         with self._lock:
             t = self._totals
             return LoadSnapshot(instance=name, waiting=t.waiting, running=t.running,
                                 kv_cache_usage=t.kv_cache_usage, prefix_cache_queries=t.prefix_queries,
-                                prefix_cache_hits=t.prefix_hits, alive=alive)
+                                prefix_cache_hits=t.prefix_hits, alive=alive, steps=t.steps, boot=self.boot,
+                                accepted=accepted)
 
     def external_hits(self) -> tuple[int, int]:
         """Cumulative (queried, hit) prompt tokens of the KV connector: tokens loaded from outside."""

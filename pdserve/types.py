@@ -115,6 +115,13 @@ class LoadSnapshot:
     """Predicted seconds of prefill work routed to this instance and not finished: the sum of each
     such request's own predicted prefill (its length and cached prefix), the running one's
     remainder included where known (router-tracked)."""
+    steps: int = 0
+    """Engine steps completed so far: the progress counter the router's watchdog reads."""
+    accepted: int = 0
+    """Requests the worker handed to its engine that have not ended, counted by the worker itself
+    (right even when the engine's own stats stop coming, as they do from a hung engine)."""
+    boot: str = ""
+    """This engine incarnation's id (a restarted worker reports a new one)."""
 
 
 @dataclass(frozen=True)

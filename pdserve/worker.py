@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Any, AsyncIterator, Awaitable
 
 import ray
 
 from pdserve.config import EngineConfig, KvTransferConfig
 from pdserve.net import free_port
+from pdserve.procs import signal_tree
 from pdserve.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
 
 
@@ -64,6 +66,13 @@ class EngineWorker:
     def shutdown(self) -> None:
         """Stop the engine (called before the actor is killed)."""
         self.host.shutdown()
+
+    async def terminate(self) -> None:
+        """End this worker at once, so Ray starts a fresh one (``faults.max_restarts``): first its
+        engine processes (SIGKILL reaches even a stopped or hung one), then this process. Called by
+        the router's progress watchdog on a stalled engine; the call never returns."""
+        signal_tree(os.getpid(), signal.SIGKILL, include_root=False)
+        os._exit(1)
 
 
 async def own_errors(call: Awaitable[Any]) -> Any:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import AsyncIterator, Callable
-
-import ray
+from typing import Any, AsyncIterator, Callable
 
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
 from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, quiet,
-                         request_record, router_block_tokens, terminal_state)
+                         request_record, router_block_tokens, terminal_state, worker_stream)
 from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
@@ -63,6 +61,7 @@ class Dispatcher:
         """Set by ``drain`` when its grace ended: the consumers of the requests still running are
         cancelled, and each ends its stream with ``FinalEvent.cut``."""
         self._consumers: dict[int, asyncio.Task] = {}
+        self._abandoned: set[asyncio.Task] = set()
 
     @property
     def pools(self) -> list[WorkerPool]:
@@ -125,8 +124,7 @@ class Dispatcher:
         legs.decode = legs.prefill
         legs.decode_id = attempt_id(req.request_id)
         stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(legs.decode_id, ids, req.sampling)
-        async for ref in stream:
-            chunk = await await_worker(self.prefill, legs.prefill, ref)
+        async for chunk in worker_stream(self.prefill, legs.prefill, stream):
             if req.state is RequestState.PREFILLING and chunk.token_ids:
                 req.mark("first_token")
                 req.to(RequestState.DECODING)
@@ -178,6 +176,7 @@ class Dispatcher:
                 result = await await_worker(self.prefill, legs.prefill, legs.prefill_ref)
             except WorkerFailedError as err:
                 self.prefill.admission.finish(legs.ticket)
+                self._abandon(legs.prefill, legs.prefill_id)
                 legs.prefill_ref = legs.ticket = None
                 await self._before_retry(self.prefill, legs.prefill_retries, err)
                 legs.prefill_retries += 1
@@ -185,6 +184,14 @@ class Dispatcher:
             self.prefill.admission.finish(legs.ticket, result.prefill_ms / 1e3, result.num_cached_tokens)
             legs.prefill_ref = None
             return result
+
+    def _abandon(self, worker: Any, engine_id: str) -> None:
+        """Abort, in the background, an attempt a failure made us leave: a worker that stalled or
+        stopped answering may run again, and must not run it for nobody."""
+        abort = asyncio.wait_for(quiet(worker.actor.abort.remote(engine_id)), _CLEANUP_TIMEOUT_S)
+        task = asyncio.get_running_loop().create_task(quiet(abort))
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
 
     async def _before_retry(self, pool: WorkerPool, done: int, err: WorkerFailedError) -> None:
         """Re-raise ``err`` when the retries are spent; else wait (bounded) for a live instance."""
@@ -212,18 +219,15 @@ class Dispatcher:
                 legs.decode_id, prompt, first, spec, kv_params)
             renewal = asyncio.create_task(self._renew_hold(legs)) if kv_params is not None else None
             try:
-                async for ref in stream:
-                    chunk = await await_worker(self.decode, legs.decode, ref)
+                async for chunk in worker_stream(self.decode, legs.decode, stream):
                     if req.state is RequestState.TRANSFERRING:
                         req.to(RequestState.DECODING)
                     legs.handle = None  # the decode loaded (and released) the KV, or recomputed it
                     yield chunk
                 legs.decode_done = True
                 return
-            except (WorkerFailedError, ray.exceptions.RayError) as err:
-                if not isinstance(err, WorkerFailedError):  # the stream itself broke: the worker is gone
-                    self.decode.mark_dead(legs.decode.name)
-                    err = WorkerFailedError(f"{legs.decode.name} failed: {type(err).__name__}")
+            except WorkerFailedError as err:
+                self._abandon(legs.decode, legs.decode_id)
                 await self._before_retry(self.decode, legs.decode_migrations, err)
             finally:
                 if renewal is not None:

@@ -7,7 +7,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import ray
 
@@ -95,10 +95,12 @@ class Legs:
         self.last_token_at = now
 
 
-async def await_worker(pool: Any, worker: Any, ref: Any) -> Any:
-    """Await a worker call; an InvalidRequestError raised there is re-raised as itself."""
+async def await_worker(pool: Any, worker: Any, call: Any) -> Any:
+    """Await a worker call (an ObjectRef, or a stream's next ref), unless the pool loses the worker
+    first (``WorkerPool.lost``: down or stalled): WorkerFailedError then, as for a failed call. An
+    InvalidRequestError raised there is re-raised as itself."""
     try:
-        return await ref
+        return await _unless_lost(pool.lost(worker.name), worker.name, call)
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
         if isinstance(cause, InvalidRequestError):
@@ -107,6 +109,30 @@ async def await_worker(pool: Any, worker: Any, ref: Any) -> Any:
     except ray.exceptions.RayError as err:
         pool.mark_dead(worker.name)
         raise WorkerFailedError(f"{worker.name} is unavailable: {type(err).__name__}") from None
+
+
+async def worker_stream(pool: Any, worker: Any, stream: Any) -> AsyncIterator[Any]:
+    """The items of a worker's streaming call, each awaited as ``await_worker`` does."""
+    while True:
+        try:
+            ref = await await_worker(pool, worker, stream.__anext__())
+        except StopAsyncIteration:
+            return
+        yield await await_worker(pool, worker, ref)
+
+
+async def _unless_lost(lost: asyncio.Future, name: str, call: Any) -> Any:
+    if lost.done():
+        raise WorkerFailedError(f"{name} {lost.result()}")
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise WorkerFailedError(f"{name} {lost.result()}")
 
 
 def attempt_id(request_id: str) -> str:

@@ -4,6 +4,14 @@ The router's poller calls ``refresh`` periodically; request handling calls ``pic
 whose actor is gone, or that has never answered (an engine still loading), is marked dead at once;
 one that answered before but now does not (a busy machine, a stalled process) keeps its last
 snapshot for ``STALL_S``, then is marked dead too; either way until a later refresh answers.
+
+The progress watchdog: a worker that answers its polls while its engine completes no step, with
+requests running, waiting or accepted, for ``progress_timeout_s`` is stalled (a hung step). It is
+taken out of routing and replaced: asked to end itself and its engine processes, so Ray starts a fresh one
+(``faults.max_restarts``), which rejoins once it answers.
+
+Whenever a worker goes down or stalls, its ``lost`` future resolves: every request awaiting that
+worker stops waiting (``router.legs.await_worker``) and takes its retry or migration path.
 """
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
+import ray
+
 from pdserve.types import LoadSnapshot, NoInstanceError, RouteDecision
 from router.admission import AdmissionQueue
 from router.policies import Choice, Policy, RouteRequest
@@ -20,6 +30,8 @@ from router.policies import Choice, Policy, RouteRequest
 log = logging.getLogger("pdserve.router")
 STALL_S = 6.0
 """A worker that does not answer its load polls for this long is taken out of routing."""
+TERMINATE_TIMEOUT_S = 10.0
+"""How long a stalled worker gets to end itself before Ray kills it (and restarts it)."""
 
 
 class WorkerPool:
@@ -27,7 +39,7 @@ class WorkerPool:
 
     def __init__(self, role: str, workers: Sequence[Any], policy: Policy,
                  on_decision: Callable[[RouteDecision], None] = lambda decision: None,
-                 admission: AdmissionQueue | None = None) -> None:
+                 admission: AdmissionQueue | None = None, progress_timeout_s: float = 0.0) -> None:
         self.role, self.policy, self._on_decision = role, policy, on_decision
         self.admission = admission
         """The router-side queue in front of this pool's prefills (prefill and colocated pools)."""
@@ -39,6 +51,14 @@ class WorkerPool:
         self._answered: set[str] = set()
         self.recoveries: dict[str, tuple[int, float]] = {}
         """Per worker: times it came back after being down, and how long the last outage lasted (s)."""
+        self.progress_timeout_s = progress_timeout_s
+        """The watchdog's bound on a busy engine's time without a step (0: no watchdog)."""
+        self.stalls: dict[str, int] = {}
+        """Per worker: times the watchdog found it stalled and replaced it."""
+        self._progress: dict[str, tuple[str, int, float]] = {}  # name -> (boot, steps, since)
+        self._stalled: dict[str, str] = {}  # name -> boot id of the stalled incarnation
+        self._lost: dict[str, asyncio.Future] = {}
+        self._replacing: set[asyncio.Task] = set()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -97,21 +117,62 @@ class WorkerPool:
     def mark_dead(self, name: str) -> None:
         """Take a worker out of routing until a refresh finds it alive."""
         self._loads[name] = replace(self._loads[name], alive=False)
+        self._lose(name, "failed")
+
+    def lost(self, name: str) -> asyncio.Future:
+        """A future that resolves, with the reason, when this worker goes down or stalls (called
+        on the router's loop by ``router.legs.await_worker``); a worker back up gets a new one."""
+        if name not in self._lost:
+            self._lost[name] = asyncio.get_running_loop().create_future()
+        return self._lost[name]
+
+    def _lose(self, name: str, why: str) -> None:
         self._down_since.setdefault(name, time.monotonic())
+        future = self._lost.get(name)
+        if future is not None and not future.done():
+            future.set_result(why)
 
     async def refresh(self, timeout_s: float) -> None:
-        """Poll every worker's load once, bounded by ``timeout_s``; log and count recoveries."""
+        """Poll every worker's load once, bounded by ``timeout_s``; run the progress watchdog;
+        log and count recoveries."""
         names = list(self._workers)
         results = await asyncio.gather(*(self._poll(n, timeout_s) for n in names))
+        now = time.monotonic()
         for name, snap in zip(names, results):
+            snap = self._watch_progress(name, snap, now)
             if not snap.alive:
-                self._down_since.setdefault(name, time.monotonic())
+                self._lose(name, "is down")
             elif name in self._down_since:
-                outage = time.monotonic() - self._down_since.pop(name)
+                outage = now - self._down_since.pop(name)
+                self._lost.pop(name, None)
                 count, _ = self.recoveries.get(name, (0, 0.0))
                 self.recoveries[name] = (count + 1, outage)
                 log.warning("%s is back after %.1f s", name, outage)
             self._loads[name] = snap
+
+    def _watch_progress(self, name: str, snap: LoadSnapshot, now: float) -> LoadSnapshot:
+        """``snap``, or it marked dead when the worker's engine stalled (then it is replaced) or is
+        the stalled incarnation still answering before its replacement."""
+        if not snap.alive or not self.progress_timeout_s or name in self._silent_since:
+            return snap
+        if self._stalled.get(name) == snap.boot:
+            return replace(snap, alive=False)
+        self._stalled.pop(name, None)
+        boot, steps, since = self._progress.get(name, ("", -1, now))
+        if (snap.boot, snap.steps) != (boot, steps) or not (snap.running or snap.waiting or snap.accepted):
+            self._progress[name] = (snap.boot, snap.steps, now)
+            return snap
+        if now - since < self.progress_timeout_s:
+            return snap
+        self._stalled[name] = snap.boot
+        self.stalls[name] = self.stalls.get(name, 0) + 1
+        log.warning("%s: no engine step for %.0f s with %d request(s) accepted (last engine report: %d running, "
+                    "%d waiting); replacing it", name, now - since, snap.accepted, snap.running, snap.waiting)
+        self._lose(name, f"stalled (no engine step for {now - since:.0f} s)")
+        task = asyncio.get_running_loop().create_task(_terminate(self._workers[name]))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+        return replace(snap, alive=False)
 
     async def _poll(self, name: str, timeout_s: float) -> LoadSnapshot:
         try:
@@ -129,3 +190,15 @@ class WorkerPool:
         if self._loads[name].alive:
             log.warning("%s stopped answering: %s", name, err_name)
         return replace(self._loads[name], alive=False)
+
+
+async def _terminate(worker: Any) -> None:
+    """Have a stalled worker end itself and its engine processes (Ray restarts it); kill it through
+    Ray if it does not within TERMINATE_TIMEOUT_S."""
+    try:
+        await asyncio.wait_for(worker.actor.terminate.remote(), TERMINATE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("%s did not end itself; killing it through Ray", worker.name)
+        ray.kill(worker.actor, no_restart=False)
+    except Exception:  # the actor exited during the call, as asked
+        pass

@@ -193,9 +193,10 @@ class RouterServer:
         role = "colocated" if colocated else "prefill"
         policy = make_policy(settings.prefill_policy, ctx, **settings.prefill_params)
         admission = AdmissionQueue(settings.admission, self.latency, policy, role, self.stats.record_decision)
-        self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission)
+        watchdog = settings.faults.progress_timeout_s
+        self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog)
         self.decode = None if colocated else WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx),
-                                                        self.stats.record_decision)
+                                                        self.stats.record_decision, progress_timeout_s=watchdog)
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
                                      settings.faults.retry_wait_s, settings.kv_lease_s)

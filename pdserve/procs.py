@@ -1,0 +1,34 @@
+"""Process-tree helpers (from /proc; no pdserve imports): the worker actors end their own engine
+processes with them when replaced, and ``pdserve chaos`` injects its faults with them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, parents before children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def signal_tree(pid: int, sig: int, include_root: bool = True) -> None:
+    """Send ``sig`` to ``pid``'s descendants, children first (for SIGSTOP's sake), then to ``pid``
+    itself unless ``include_root`` is False."""
+    tree = process_tree(pid)
+    for p in reversed(tree if include_root else tree[1:]):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
