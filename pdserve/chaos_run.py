@@ -113,6 +113,7 @@ async def _inject(plan: ChaosPlan, target: str, serve: ServeProcess, engines: di
             if seen is None:
                 fault.detail += "; the router never took it out of routing"
                 continue
+            fault.detail += f"; out of routing {time.monotonic() - t0 - fault.at:.1f} s after the fault"
         if kind == "stall":
             fault.until = time.monotonic() - t0
         if kind in WORKER_FAULTS and await _poll(target, 300.0, lambda i: i.alive) is not None:

@@ -24,6 +24,7 @@ class _Totals:
     external_queries: int = 0
     external_hits: int = 0
     steps: int = 0
+    tokens: int = 0
 
 
 class EngineStatsLogger:
@@ -39,11 +40,15 @@ class EngineStatsLogger:
         """Called by vLLM once per engine to build the logger object it drives."""
         return _Recorder(self)
 
-    def record(self, scheduler_stats: Any) -> None:
-        """Fold one step's scheduler stats into the totals."""
+    def record(self, scheduler_stats: Any, iteration_stats: Any = None) -> None:
+        """Fold one step's scheduler and iteration stats into the totals."""
+        t = self._totals
+        if iteration_stats is not None:
+            with self._lock:
+                t.tokens += (iteration_stats.num_generation_tokens + iteration_stats.num_prompt_tokens
+                             + len(iteration_stats.finished_requests))
         if scheduler_stats is None:
             return
-        t = self._totals
         with self._lock:
             t.steps += 1
             t.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
@@ -63,7 +68,7 @@ class EngineStatsLogger:
             t = self._totals
             return LoadSnapshot(instance=name, waiting=t.waiting, running=t.running,
                                 kv_cache_usage=t.kv_cache_usage, prefix_cache_queries=t.prefix_queries,
-                                prefix_cache_hits=t.prefix_hits, alive=alive, steps=t.steps, boot=self.boot,
+                                prefix_cache_hits=t.prefix_hits, alive=alive, steps=t.steps, tokens=t.tokens, boot=self.boot,
                                 accepted=accepted)
 
     def external_hits(self) -> tuple[int, int]:
@@ -80,7 +85,7 @@ class _Recorder:
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
-        self._owner.record(scheduler_stats)
+        self._owner.record(scheduler_stats, iteration_stats)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -117,6 +117,9 @@ class LoadSnapshot:
     remainder included where known (router-tracked)."""
     steps: int = 0
     """Engine steps completed so far: the progress counter the router's watchdog reads."""
+    tokens: int = 0
+    """Prompt and output tokens the engine has computed so far, and requests it finished: the
+    watchdog's second counter (an engine that steps but computes nothing is stalled too)."""
     accepted: int = 0
     """Requests the worker handed to its engine that have not ended, counted by the worker itself
     (right even when the engine's own stats stop coming, as they do from a hung engine)."""

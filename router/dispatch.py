@@ -27,11 +27,12 @@ from typing import Any, AsyncIterator, Callable
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
-from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, quiet,
+from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, log_end, quiet,
                          request_record, router_block_tokens, terminal_state, worker_stream)
 from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
+from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger("pdserve.router")
 _CLEANUP_TIMEOUT_S = 10.0
@@ -45,13 +46,16 @@ class Dispatcher:
 
     def __init__(self, prefill: WorkerPool, decode: WorkerPool | None, model: ModelInfo, default_max_tokens: int,
                  record: Callable[[RequestRecord], None] = lambda rec: None, router_block: int = 0,
-                 retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0) -> None:
+                 retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0,
+                 tokenizer: PromptTokenizer | None = None) -> None:
         self.prefill, self.decode = prefill, decode
         self.max_model_len = model.max_model_len
         self.router_block = router_block_tokens(model, router_block)
         self.default_max_tokens = default_max_tokens
         self.retries, self.retry_wait_s = retries, retry_wait_s
         self.kv_renew_s = kv_lease_s / 3
+        self.tokenizer = tokenizer
+        """The router's own tokenizer (``router.tokenizer``); None: prefill workers tokenize."""
         self._record = record
         self.in_flight = 0
         """Requests admitted and not yet ended (the admission bound counts them)."""
@@ -82,6 +86,7 @@ class Dispatcher:
                 self._consumers[id(legs)] = asyncio.current_task()
         except BaseException as err:
             if not req.state.terminal:
+                log_end(req, legs, err)
                 req.to(terminal_state(err))
             raise
         finally:
@@ -249,10 +254,8 @@ class Dispatcher:
 
     async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
         """Tokenize on a live prefill worker and check the lengths against the context."""
-        await self.prefill.wait_live(self.retry_wait_s)
-        worker = self.prefill.helper()
         try:
-            ids = await await_worker(self.prefill, worker, worker.actor.tokenize.remote(req.prompt))
+            ids = await self._tokenize(req)
         except InvalidRequestError:
             req.to(RequestState.REJECTED)
             raise
@@ -267,6 +270,24 @@ class Dispatcher:
         route = RouteRequest(req.request_id, hashes, len(ids), max_tokens, req.ttft_slo_ms, req.tpot_slo_ms,
                              req.priority)
         return route, ids
+
+    async def _tokenize(self, req: RouterRequest) -> list[int]:
+        """The prompt's token ids: from the router's own tokenizer when it has one (on a thread
+        for a long prompt), else from a live prefill worker, asked again (another one, or the
+        restarted one) after a worker failure, up to ``retries`` times."""
+        if self.tokenizer is not None:
+            if self.tokenizer.inline(req.prompt):
+                return self.tokenizer.tokenize(req.prompt)
+            return await asyncio.to_thread(self.tokenizer.tokenize, req.prompt)
+        done = 0
+        await self.prefill.wait_live(self.retry_wait_s)
+        while True:
+            worker = self.prefill.helper()
+            try:
+                return await await_worker(self.prefill, worker, worker.actor.tokenize.remote(req.prompt))
+            except WorkerFailedError as err:
+                await self._before_retry(self.prefill, done, err)
+                done += 1
 
     def _final(self, req: RouterRequest, legs: Legs) -> FinalEvent:
         result, kv = legs.result, legs.kv
@@ -295,3 +316,4 @@ class Dispatcher:
                     await quiet(legs.decode.actor.abort.remote(legs.decode_id))
         except TimeoutError:
             log.warning("cleanup of %s timed out", req.request_id)
+

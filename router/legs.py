@@ -4,6 +4,7 @@ that turn Ray's errors into pdserve's. Used by ``router.dispatch`` and the front
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outc
                            RequestState)
 from router.admission import Ticket
 from router.request import RouterRequest
+
+_log = logging.getLogger("pdserve.router")
 
 
 class WorkerFailedError(NoInstanceError):
@@ -123,15 +126,18 @@ async def worker_stream(pool: Any, worker: Any, stream: Any) -> AsyncIterator[An
 
 async def _unless_lost(lost: asyncio.Future, name: str, call: Any) -> Any:
     if lost.done():
+        if asyncio.iscoroutine(call):
+            call.close()
         raise WorkerFailedError(f"{name} {lost.result()}")
     task = asyncio.ensure_future(call)
     try:
         await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
         return task.result()
+    task.cancel()
     raise WorkerFailedError(f"{name} {lost.result()}")
 
 
@@ -184,3 +190,14 @@ def terminal_state(err: BaseException) -> RequestState:
     if isinstance(err, (InvalidRequestError, OverloadedError)):
         return RequestState.REJECTED
     return RequestState.FAILED
+
+
+def log_end(req: RouterRequest, legs: Legs, err: BaseException) -> None:
+    """One log line for a request that did not finish: where it was when it ended (a client's
+    cancel or deadline at INFO, a failure at WARNING; refusals are the front ends' to report)."""
+    if isinstance(err, (InvalidRequestError, OverloadedError)):
+        return
+    level = logging.INFO if isinstance(err, (asyncio.CancelledError, GeneratorExit)) else logging.WARNING
+    _log.log(level, "%s ended (%s) while %s: prefill %s, decode %s, %d token(s) sent, %.1f s after arrival",
+            req.request_id, str(err) or type(err).__name__, req.state.value, getattr(legs.prefill, "name", "-"),
+            getattr(legs.decode, "name", "-"), legs.completion, time.perf_counter() - req.arrival)

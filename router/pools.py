@@ -52,10 +52,10 @@ class WorkerPool:
         self.recoveries: dict[str, tuple[int, float]] = {}
         """Per worker: times it came back after being down, and how long the last outage lasted (s)."""
         self.progress_timeout_s = progress_timeout_s
-        """The watchdog's bound on a busy engine's time without a step (0: no watchdog)."""
+        """The watchdog's bound on a busy engine's time without progress (0: no watchdog)."""
         self.stalls: dict[str, int] = {}
         """Per worker: times the watchdog found it stalled and replaced it."""
-        self._progress: dict[str, tuple[str, int, float]] = {}  # name -> (boot, steps, since)
+        self._progress = ProgressClock(progress_timeout_s)
         self._stalled: dict[str, str] = {}  # name -> boot id of the stalled incarnation
         self._lost: dict[str, asyncio.Future] = {}
         self._replacing: set[asyncio.Task] = set()
@@ -127,6 +127,8 @@ class WorkerPool:
         return self._lost[name]
 
     def _lose(self, name: str, why: str) -> None:
+        if name not in self._down_since:
+            log.warning("%s is out of routing: %s", name, why)
         self._down_since.setdefault(name, time.monotonic())
         future = self._lost.get(name)
         if future is not None and not future.done():
@@ -141,7 +143,7 @@ class WorkerPool:
         for name, snap in zip(names, results):
             snap = self._watch_progress(name, snap, now)
             if not snap.alive:
-                self._lose(name, "is down")
+                self._lose(name, "reports its engine dead")
             elif name in self._down_since:
                 outage = now - self._down_since.pop(name)
                 self._lost.pop(name, None)
@@ -158,17 +160,14 @@ class WorkerPool:
         if self._stalled.get(name) == snap.boot:
             return replace(snap, alive=False)
         self._stalled.pop(name, None)
-        boot, steps, since = self._progress.get(name, ("", -1, now))
-        if (snap.boot, snap.steps) != (boot, steps) or not (snap.running or snap.waiting or snap.accepted):
-            self._progress[name] = (snap.boot, snap.steps, now)
-            return snap
-        if now - since < self.progress_timeout_s:
+        why = self._progress.observe(name, snap, now)
+        if not why:
             return snap
         self._stalled[name] = snap.boot
         self.stalls[name] = self.stalls.get(name, 0) + 1
-        log.warning("%s: no engine step for %.0f s with %d request(s) accepted (last engine report: %d running, "
-                    "%d waiting); replacing it", name, now - since, snap.accepted, snap.running, snap.waiting)
-        self._lose(name, f"stalled (no engine step for {now - since:.0f} s)")
+        log.warning("%s: %s with %d request(s) accepted (last engine report: %d running, %d waiting); replacing it",
+                    name, why, snap.accepted, snap.running, snap.waiting)
+        self._lose(name, f"stalled ({why})")
         task = asyncio.get_running_loop().create_task(_terminate(self._workers[name]))
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
@@ -187,9 +186,35 @@ class WorkerPool:
             err_name = f"no answer for {time.monotonic() - since + timeout_s:.0f} s"
         except Exception as err:  # a dead actor: out of routing at once, not fatal
             err_name = type(err).__name__
-        if self._loads[name].alive:
-            log.warning("%s stopped answering: %s", name, err_name)
+        self._lose(name, f"stopped answering ({err_name})")
         return replace(self._loads[name], alive=False)
+
+
+class ProgressClock:
+    """Per worker, since when its engine has made no progress of each kind (the watchdog's
+    clock): no step while it has requests (a hung step; ``timeout_s``), and no token computed
+    while it has requests running (stepping without work done; 3 x ``timeout_s``, as a long
+    prompt's prefill reports its tokens only when it ends)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._last: dict[str, tuple[str, int, int, float, float]] = {}  # boot, steps, tokens, since x 2
+
+    def observe(self, name: str, snap: LoadSnapshot, now: float) -> str:
+        """Record a fresh snapshot; the reason the engine counts as stalled, or ""."""
+        boot, steps, tokens, step_since, token_since = self._last.get(name, (snap.boot, -1, -1, now, now))
+        if boot != snap.boot:
+            steps, tokens = -1, -1
+        if snap.steps != steps or not (snap.running or snap.waiting or snap.accepted):
+            step_since = now
+        if snap.tokens != tokens or not snap.running:
+            token_since = now
+        self._last[name] = (snap.boot, snap.steps, snap.tokens, step_since, token_since)
+        if now - step_since >= self.timeout_s:
+            return f"no engine step for {now - step_since:.0f} s"
+        if now - token_since >= 3 * self.timeout_s:
+            return f"no token computed for {now - token_since:.0f} s"
+        return ""
 
 
 async def _terminate(worker: Any) -> None:

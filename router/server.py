@@ -27,6 +27,7 @@ from router.security import BearerAuth, Guard
 from router.settings import ServiceSettings, latency_model
 from router.pools import WorkerPool
 from router.stats import RouterStats
+from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger("pdserve.router")
 VERSION = "0.1.0"
@@ -199,7 +200,8 @@ class RouterServer:
                                                         self.stats.record_decision, progress_timeout_s=watchdog)
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
-                                     settings.faults.retry_wait_s, settings.kv_lease_s)
+                                     settings.faults.retry_wait_s, settings.kv_lease_s,
+                                     _tokenizer(model) if settings.tokenize_in_router else None)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
@@ -262,3 +264,14 @@ class RouterServer:
         if self._server is not None:
             await asyncio.gather(self._server.stop(1.0), self.http.stop())
         self.exporter.stop()
+
+
+def _tokenizer(model: ModelInfo) -> PromptTokenizer | None:
+    """The router's own tokenizer of ``model``, or None (logged) where its files cannot be read."""
+    try:
+        tokenizer = PromptTokenizer.load(model.model, model.max_model_len)
+    except Exception as err:  # unreadable or malformed files: the workers tokenize, as before
+        log.warning("tokenizing on the prefill workers: the model's tokenizer files did not load (%s)", err)
+        return None
+    log.info("tokenizing in the router" if tokenizer else "tokenizing on the prefill workers (no tokenizer.json here)")
+    return tokenizer

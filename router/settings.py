@@ -39,6 +39,9 @@ class ServiceSettings:
     """The prefill side's KV lease; the router renews holds it owns every third of it."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """TLS, mutual TLS and the bearer token of the public APIs."""
+    tokenize_in_router: bool = True
+    """Tokenize prompts in the router when the model's tokenizer files are readable here (no Ray
+    call before routing); off, or where they are not, a prefill worker tokenizes."""
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServiceSettings:

@@ -32,8 +32,10 @@ class FakeActor:
 
 
 def poll(at: float, running: int = 0, waiting: int = 0, accepted: int = 0, steps: int = 0,
-         boot: str = "a") -> tuple[float, LoadSnapshot]:
-    return at, LoadSnapshot("decode-0", running=running, waiting=waiting, accepted=accepted, steps=steps, boot=boot)
+         boot: str = "a", tokens: int | None = None) -> tuple[float, LoadSnapshot]:
+    """A snapshot at ``at`` s; unless given, ``tokens`` advances with ``steps``."""
+    return at, LoadSnapshot("decode-0", running=running, waiting=waiting, accepted=accepted, steps=steps, boot=boot,
+                            tokens=steps if tokens is None else tokens)
 
 
 # (name, polls, expected alive after each poll, terminations)
@@ -48,6 +50,13 @@ CASES = [
     ("stalled_stays_out_until_a_new_boot",
      [poll(0, 1, steps=3), poll(10, 1, steps=3), poll(20, 1, steps=3), poll(40, boot="b"), poll(45, 1, steps=1, boot="b")],
      [True, False, False, True, True], 1),
+    ("stepping_without_a_token_for_three_timeouts",
+     [poll(0, 2, steps=1, tokens=5), poll(20, 2, steps=50, tokens=5), poll(29, 2, steps=90, tokens=5),
+      poll(30, 2, steps=99, tokens=5)], [True, True, True, False], 1),
+    ("tokens_keep_a_stepping_engine_alive", [poll(0, 2, steps=1), poll(20, 2, steps=50), poll(40, 2, steps=90)],
+     [True, True, True], 0),
+    ("waiting_for_kv_computes_no_token", [poll(0, waiting=2, steps=1, tokens=5), poll(40, waiting=2, steps=900, tokens=5)],
+     [True, True], 0),
     ("a_step_resets_the_clock", [poll(0, 1, steps=3), poll(9, 1, steps=4), poll(18, 1, steps=4), poll(19, 1, steps=4)],
      [True, True, True, False], 1),
 ]
@@ -93,8 +102,9 @@ def test_watchdog_off_never_replaces(monkeypatch):
     assert pool.live() and actor.terminated == 0
 
 
+@pytest.mark.parametrize("call", ["future", "coroutine"])  # a Ray ObjectRef is awaited as a task
 @pytest.mark.parametrize("loss", ["stall", "mark_dead"])
-def test_a_call_on_a_lost_worker_fails_over_at_once(monkeypatch, loss):
+def test_a_call_on_a_lost_worker_fails_over_at_once(monkeypatch, loss, call):
     """A request awaiting a worker stops waiting when the pool loses it (WorkerFailedError, which
     the dispatcher retries or migrates), whether the worker stalled or its actor failed."""
     clock = [0.0]
@@ -107,7 +117,7 @@ def test_a_call_on_a_lost_worker_fails_over_at_once(monkeypatch, loss):
     async def run() -> str:
         await pool.refresh(1.0)
         never = asyncio.get_running_loop().create_future()        # a call that would never answer
-        waiting = asyncio.create_task(await_worker(pool, worker, never))
+        waiting = asyncio.create_task(await_worker(pool, worker, never if call == "future" else _wait(never)))
         await asyncio.sleep(0)
         if loss == "stall":
             clock[0] = TIMEOUT_S
@@ -123,3 +133,7 @@ def test_a_call_on_a_lost_worker_fails_over_at_once(monkeypatch, loss):
 
     message = asyncio.run(run())
     assert message.startswith("decode-0 ") and ("stalled" if loss == "stall" else "failed") in message
+
+
+async def _wait(future: asyncio.Future) -> None:
+    await future
