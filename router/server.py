@@ -31,6 +31,10 @@ from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger("pdserve.router")
 VERSION = "0.1.0"
+MAX_PENDING_CALLS = 10_000
+"""Calls gRPC may hold before the router's handlers take them. gRPC core's default (1,000)
+answers a burst beyond it with CANCELLED before pdserve sees the calls; pdserve's own admission
+bounds (RESOURCE_EXHAUSTED, with a retry hint) are meant to be the ones that shed overload."""
 POLL_INTERVAL_S = 0.25
 POLL_TIMEOUT_S = 2.0
 MAX_MESSAGE_BYTES = 16 * 2**20
@@ -221,7 +225,9 @@ class RouterServer:
         if metrics_port >= 0:
             self.service.metrics_port = self.exporter.serve(host, metrics_port)
         interceptors = [BearerAuth(self.guard)] if self.guard.token else []
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                                                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS)],
                                        interceptors=interceptors)
         _add_service(self.service, self._server)
         reflect = self.reflection == "on" or (self.reflection == "auto" and _loopback(host))
