@@ -16,7 +16,7 @@ from pdserve import config as config_mod
 from pdserve.chaos import ALL_FAULTS, WORKER_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, summary, write
 from pdserve.client import PdServeClient
 from pdserve.net import free_port
-from pdserve.procs import process_tree, signal_tree
+from pdserve.procs import process_tree, signal_pids, signal_tree
 
 TAIL_S = 10.0
 """Load continues this long after the last fault ended, so recovery is seen under load."""
@@ -132,7 +132,8 @@ async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: S
         victim = sorted(n for n in engines if n.startswith("decode"))[0]
         stopped = process_tree(engines[victim])[1:]
         signal_tree(engines[victim], signal.SIGSTOP, include_root=False)
-        asyncio.get_running_loop().call_later(plan.stall_s + 15.0, _resume, stopped)
+        # SIGCONT them later, should the watchdog not have ended them
+        asyncio.get_running_loop().call_later(plan.stall_s + 15.0, signal_pids, stopped, signal.SIGCONT)
         fault.detail = (f"SIGSTOP {victim}'s engine processes (its actor still answers load polls): the "
                         "progress watchdog replaces it")
     elif kind == "blackhole":
@@ -155,15 +156,6 @@ async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: S
         await asyncio.sleep(2.0)
         client.router_down.clear()
     return victim
-
-
-def _resume(pids: list[int]) -> None:
-    """SIGCONT processes a stall fault stopped, should the watchdog not have ended them."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 def _corrupt_one(plan: ChaosPlan, target: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 
 def process_tree(pid: int) -> list[int]:
@@ -27,7 +28,12 @@ def signal_tree(pid: int, sig: int, include_root: bool = True) -> None:
     """Send ``sig`` to ``pid``'s descendants, children first (for SIGSTOP's sake), then to ``pid``
     itself unless ``include_root`` is False."""
     tree = process_tree(pid)
-    for p in reversed(tree if include_root else tree[1:]):
+    signal_pids(reversed(tree if include_root else tree[1:]), sig)
+
+
+def signal_pids(pids: Iterable[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids`` in order, skipping those already gone."""
+    for p in pids:
         try:
             os.kill(p, sig)
         except ProcessLookupError:

@@ -68,8 +68,8 @@ class EngineStatsLogger:
             t = self._totals
             return LoadSnapshot(instance=name, waiting=t.waiting, running=t.running,
                                 kv_cache_usage=t.kv_cache_usage, prefix_cache_queries=t.prefix_queries,
-                                prefix_cache_hits=t.prefix_hits, alive=alive, steps=t.steps, tokens=t.tokens, boot=self.boot,
-                                accepted=accepted)
+                                prefix_cache_hits=t.prefix_hits, alive=alive, steps=t.steps, tokens=t.tokens,
+                                accepted=accepted, boot=self.boot)
 
     def external_hits(self) -> tuple[int, int]:
         """Cumulative (queried, hit) prompt tokens of the KV connector: tokens loaded from outside."""

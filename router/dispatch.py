@@ -27,8 +27,8 @@ from typing import Any, AsyncIterator, Callable
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
 from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
-from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, log_end, quiet,
-                         request_record, router_block_tokens, terminal_state, worker_stream)
+from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, final_event,
+                         log_end, quiet, request_record, router_block_tokens, terminal_state, worker_stream)
 from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
@@ -120,7 +120,7 @@ class Dispatcher:
         async for event in steps:
             yield event
         req.to(RequestState.FINISHED)
-        yield self._final(req, legs)
+        yield final_event(req, legs)
 
     async def _colocated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
                          legs: Legs) -> AsyncIterator[TokenEvent]:
@@ -193,7 +193,7 @@ class Dispatcher:
     def _abandon(self, worker: Any, engine_id: str) -> None:
         """Abort, in the background, an attempt a failure made us leave: a worker that stalled or
         stopped answering may run again, and must not run it for nobody."""
-        abort = asyncio.wait_for(quiet(worker.actor.abort.remote(engine_id)), _CLEANUP_TIMEOUT_S)
+        abort = asyncio.wait_for(worker.actor.abort.remote(engine_id), _CLEANUP_TIMEOUT_S)
         task = asyncio.get_running_loop().create_task(quiet(abort))
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
@@ -288,17 +288,6 @@ class Dispatcher:
             except WorkerFailedError as err:
                 await self._before_retry(self.prefill, done, err)
                 done += 1
-
-    def _final(self, req: RouterRequest, legs: Legs) -> FinalEvent:
-        result, kv = legs.result, legs.kv
-        return FinalEvent(
-            finish_reason=legs.finish, prompt_tokens=result.num_prompt_tokens, completion_tokens=legs.completion,
-            cached_tokens=result.num_cached_tokens, queue_ms=req.since_arrival_ms(RequestState.PREFILLING.value),
-            prefill_ms=result.prefill_ms, kv_transfer_ms=kv.get("ms", 0.0), kv_transfer_bytes=kv.get("bytes", 0),
-            ttft_ms=req.since_arrival_ms("first_token"), e2e_ms=req.since_arrival_ms(RequestState.FINISHED.value),
-            prefill_instance=legs.prefill.name, decode_instance=legs.decode.name if legs.decode else "",
-            prefill_reason=legs.ticket.reason if legs.ticket else "", prefill_retries=legs.prefill_retries,
-            decode_migrations=legs.decode_migrations)
 
     async def _cleanup(self, req: RouterRequest, legs: Legs) -> None:
         """Abort what still runs and release KV nobody took over (bounded)."""

@@ -158,6 +158,19 @@ _OUTCOME = {RequestState.FINISHED: Outcome.FINISHED, RequestState.CANCELLED: Out
             RequestState.REJECTED: Outcome.REJECTED, RequestState.FAILED: Outcome.FAILED}
 
 
+def final_event(req: RouterRequest, legs: Legs) -> FinalEvent:
+    """The final event of a request that finished: usage, timings and the legs it took."""
+    result, kv = legs.result, legs.kv
+    return FinalEvent(
+        finish_reason=legs.finish, prompt_tokens=result.num_prompt_tokens, completion_tokens=legs.completion,
+        cached_tokens=result.num_cached_tokens, queue_ms=req.since_arrival_ms(RequestState.PREFILLING.value),
+        prefill_ms=result.prefill_ms, kv_transfer_ms=kv.get("ms", 0.0), kv_transfer_bytes=kv.get("bytes", 0),
+        ttft_ms=req.since_arrival_ms("first_token"), e2e_ms=req.since_arrival_ms(RequestState.FINISHED.value),
+        prefill_instance=legs.prefill.name, decode_instance=legs.decode.name if legs.decode else "",
+        prefill_reason=legs.ticket.reason if legs.ticket else "", prefill_retries=legs.prefill_retries,
+        decode_migrations=legs.decode_migrations)
+
+
 def request_record(req: RouterRequest, legs: Legs) -> RequestRecord:
     """The request's record for the stats, whatever way it ended."""
     def seconds(name: str) -> float | None:
@@ -195,9 +208,10 @@ def terminal_state(err: BaseException) -> RequestState:
 def log_end(req: RouterRequest, legs: Legs, err: BaseException) -> None:
     """One log line for a request that did not finish: where it was when it ended (a client's
     cancel or deadline at INFO, a failure at WARNING; refusals are the front ends' to report)."""
-    if isinstance(err, (InvalidRequestError, OverloadedError)):
+    state = terminal_state(err)
+    if state is RequestState.REJECTED:
         return
-    level = logging.INFO if isinstance(err, (asyncio.CancelledError, GeneratorExit)) else logging.WARNING
+    level = logging.INFO if state is RequestState.CANCELLED else logging.WARNING
     _log.log(level, "%s ended (%s) while %s: prefill %s, decode %s, %d token(s) sent, %.1f s after arrival",
             req.request_id, str(err) or type(err).__name__, req.state.value, getattr(legs.prefill, "name", "-"),
             getattr(legs.decode, "name", "-"), legs.completion, time.perf_counter() - req.arrival)

@@ -1,6 +1,7 @@
 """The KV transports on their own: real sockets over loopback, real torch tensors, no vLLM. Every
 test that moves bytes runs once per transport (``TRANSPORTS``); the lease registry and the
-control channel (release, renew) are shared by all of them."""
+control channel (release, renew) are shared by all of them. The registry's own rules, as plain
+objects, are in tests/test_leases.py."""
 from __future__ import annotations
 
 import socket
@@ -209,17 +210,6 @@ def test_a_cancelled_pull_stops(name):
         sender.stop()
 
 
-def test_lease_expiry_waits_for_pulls_in_flight():
-    held = HeldKv(lease_s=10)
-    held.hold("a", [1])
-    held.hold("b", [2])
-    assert held.pin("a") is not None
-    assert held.take_finished(now=1e12) == {"b"}          # a is being pulled: not freed under it
-    held.unpin("a")
-    assert held.take_finished(now=1e12) == {"a"}
-    assert len(held) == 0
-
-
 def test_renewal_extends_the_lease_only_with_the_secret():
     """The router's heartbeat: a renewed hold outlives its first lease; a wrong secret is refused
     and an ended hold grants nothing."""
@@ -237,39 +227,6 @@ def test_renewal_extends_the_lease_only_with_the_secret():
         assert control.renew(sender.handle_for("q")) == 0.0
     finally:
         sender.stop()
-
-
-def test_release_before_hold_frees_on_arrival():
-    held = HeldKv(lease_s=10)
-    assert held.release("early") is False
-    held.hold("early", [4])
-    assert held.pin("early") is None                        # nobody may pull released blocks
-    assert held.take_finished() == {"early"}
-
-
-@pytest.mark.parametrize("ending", ["released", "expired"])
-def test_a_pull_for_an_ended_hold_is_refused_at_once(monkeypatch, ending):
-    """A decode that asks after the hold ended (the router released it, or its lease ran out) gets
-    NOT_FOUND at once, not after waiting for a hold that cannot come."""
-    monkeypatch.setattr(leases, "HOLD_WAIT_S", 3600.0)
-    gate = PullGate(HeldKv(lease_s=10), "fp")
-    gate.held.hold("gone", [1], secret=SECRET)
-    if ending == "released":
-        assert gate.held.release("gone", SECRET) is True
-    assert gate.held.take_finished(now=time.monotonic() + (0 if ending == "released" else 11)) == {"gone"}
-    refused = []
-    asker = threading.Thread(target=lambda: refused.append(_refusal(gate, "gone")), daemon=True)
-    asker.start()
-    asker.join(30)
-    assert refused == ["NOT_FOUND"]
-
-
-def _refusal(gate: PullGate, request_id: str) -> str:
-    try:
-        gate.admit(request_id, SECRET, "fp")
-    except leases.PullRefused as err:
-        return err.code
-    return "admitted"
 
 
 def test_scatter_rejects_wrong_size():
