@@ -51,11 +51,10 @@ class WorkerPool:
         self._answered: set[str] = set()
         self.recoveries: dict[str, tuple[int, float]] = {}
         """Per worker: times it came back after being down, and how long the last outage lasted (s)."""
-        self.progress_timeout_s = progress_timeout_s
-        """The watchdog's bound on a busy engine's time without progress (0: no watchdog)."""
         self.stalls: dict[str, int] = {}
         """Per worker: times the watchdog found it stalled and replaced it."""
         self._progress = ProgressClock(progress_timeout_s)
+        """The watchdog's clock; its ``timeout_s`` bounds a busy engine's time without progress (0: off)."""
         self._stalled: dict[str, str] = {}  # name -> boot id of the stalled incarnation
         self._lost: dict[str, asyncio.Future] = {}
         self._replacing: set[asyncio.Task] = set()
@@ -116,7 +115,6 @@ class WorkerPool:
 
     def mark_dead(self, name: str) -> None:
         """Take a worker out of routing until a refresh finds it alive."""
-        self._loads[name] = replace(self._loads[name], alive=False)
         self._lose(name, "failed")
 
     def lost(self, name: str) -> asyncio.Future:
@@ -127,6 +125,9 @@ class WorkerPool:
         return self._lost[name]
 
     def _lose(self, name: str, why: str) -> None:
+        """Out of routing now, and only then the lost signal: a request it wakes retries at once and
+        must not pick this worker again."""
+        self._loads[name] = replace(self._loads[name], alive=False)
         if name not in self._down_since:
             log.warning("%s is out of routing: %s", name, why)
         self._down_since.setdefault(name, time.monotonic())
@@ -155,7 +156,7 @@ class WorkerPool:
     def _watch_progress(self, name: str, snap: LoadSnapshot, now: float) -> LoadSnapshot:
         """``snap``, or it marked dead when the worker's engine stalled (then it is replaced) or is
         the stalled incarnation still answering before its replacement."""
-        if not snap.alive or not self.progress_timeout_s or name in self._silent_since:
+        if not snap.alive or not self._progress.timeout_s or name in self._silent_since:
             return snap
         if self._stalled.get(name) == snap.boot:
             return replace(snap, alive=False)

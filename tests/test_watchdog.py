@@ -137,3 +137,35 @@ def test_a_call_on_a_lost_worker_fails_over_at_once(monkeypatch, loss, call):
 
 async def _wait(future: asyncio.Future) -> None:
     await future
+
+
+def test_a_worker_is_out_of_routing_before_its_requests_are_woken():
+    """A poll that finds a worker gone wakes the requests on it while the other polls of the same
+    refresh still run: their retry must already see it out of routing (else it picks it again
+    and burns every retry at once)."""
+    slow, gone = FakeActor("decode-0"), FakeActor("decode-1")
+    answer = asyncio.Event()
+
+    async def slow_load() -> LoadSnapshot:
+        await answer.wait()
+        return slow.snapshot
+
+    async def gone_load() -> LoadSnapshot:
+        raise RuntimeError("actor died")
+
+    slow.load, gone.load = SimpleNamespace(remote=slow_load), SimpleNamespace(remote=gone_load)
+    workers = [SimpleNamespace(name="decode-0", actor=slow), SimpleNamespace(name="decode-1", actor=gone)]
+    pool = pools.WorkerPool("decode", workers, make_policy("decode_p2c"))
+
+    async def run() -> list[str]:
+        waiting = asyncio.create_task(await_worker(pool, workers[1], asyncio.get_running_loop().create_future()))
+        await asyncio.sleep(0)
+        refresh = asyncio.create_task(pool.refresh(5.0))
+        with pytest.raises(WorkerFailedError):
+            await asyncio.wait_for(waiting, 5)
+        live = [s.instance for s in pool.live()]                  # seen by the woken request's retry
+        answer.set()
+        await refresh
+        return live
+
+    assert asyncio.run(run()) == ["decode-0"]
