@@ -10,7 +10,7 @@ PORT ?= 50051
 TORCH_PIN_cpu := torch==2.13.0
 TORCH_PIN_gpu :=
 
-.PHONY: setup run test test-tools protos bench-routing routing-study
+.PHONY: setup run test test-tools protos bench-routing routing-study plan-study
 
 setup: $(STAMP)
 	@$(VENV)/bin/pdserve prepare-model >/dev/null
@@ -55,6 +55,25 @@ routing-study: setup
 	for s in $(ROUTING_STUDIES); do \
 	  $(VENV)/bin/pdserve simulate --setup $$s --out docs/results/routing-$$s \
 	    $$(case $$s in paper|paper-h100|cpu|synthetic) echo --ablation;; esac) || exit 1; done
+
+# docs/planning.md's tables: `pdserve plan` on this machine's engines (the SLO sets of
+# docs/performance.md) and DistServe's chat setting (OPT-13B on A100s, TTFT 0.25 s, TPOT 0.1 s).
+PLAN := $(VENV)/bin/pdserve plan
+CPU_PLAN := --gpus 2 --max-output 64 --max-batch 32 --max-pass-prompts 8
+CPU_TODAY := --profile docs/results/planning/profile-cpu.json
+OPT_PLAN := --profile a100-roofline-opt-13b --ttft-slo-s 0.25 --tpot-slo-s 0.1 --max-batch-tokens 8192 --max-batch 1024 --max-context 2048
+plan-study: setup
+	$(PLAN) $(CPU_PLAN) --ttft-slo-s 0.25 --tpot-slo-s 0.5 --out docs/results/plan-cpu-ttft-tight
+	$(PLAN) $(CPU_PLAN) --ttft-slo-s 10 --tpot-slo-s 0.1 --out docs/results/plan-cpu-tpot-tight
+	$(PLAN) $(CPU_PLAN) --ttft-slo-s 0.25 --tpot-slo-s 0.1 --out docs/results/plan-cpu-both-tight
+	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 0.25 --tpot-slo-s 0.5 --out docs/results/plan-cpu-today-ttft-tight
+	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 10 --tpot-slo-s 0.1 --out docs/results/plan-cpu-today-tpot-tight
+	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 0.25 --tpot-slo-s 0.1 --out docs/results/plan-cpu-today-both-tight
+	$(PLAN) $(OPT_PLAN) --gpus 3 --tp 1,2 --colocated-schedule prefill_first --out docs/results/plan-opt13b-3gpu
+	$(PLAN) $(OPT_PLAN) --gpus 8 --tp 1,2,4 --colocated-schedule prefill_first --out docs/results/plan-opt13b-8gpu
+	$(PLAN) $(OPT_PLAN) --gpus 8 --tp 1,2,4 --colocated-schedule mixed --out docs/results/plan-opt13b-8gpu-mixed
+	for x in 2 4 8; do $(PLAN) $(OPT_PLAN) --gpus 8 --tp 1,2,4 --colocated-schedule prefill_first --input-scale $$x \
+	  --out docs/results/plan-opt13b-8gpu-x$$x || exit 1; done
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \

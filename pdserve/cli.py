@@ -1,5 +1,5 @@
 """The ``pdserve`` command: serve, stop, generate, health, status, prepare-model (and the tools of
-``cli_tools``). Parses arguments and calls the modules that do the work (``launch`` for serve/stop)."""
+``cli_tools`` and ``cli_sim``). Parses arguments and calls the modules that do the work (``launch`` for serve/stop)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import grpc
 
 from pdserve import config as config_mod
 from pdserve import env
+from pdserve.cli_sim import add_sim_commands
 from pdserve.cli_tools import add_tool_commands
 
 
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_client_auth(status)
     status.set_defaults(func=_status)
     add_tool_commands(sub)
+    add_sim_commands(sub)
     prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
     prep.set_defaults(func=_prepare)
     return parser

@@ -1,5 +1,4 @@
-"""The ``pdserve`` commands for studies and benchmarks: profile, simulate, bench, bench-kv, chaos,
-bench-compare.
+"""The ``pdserve`` commands that measure a deployment: profile, bench, bench-kv, chaos, bench-compare.
 Registered on the main parser by ``add_tool_commands`` (see ``pdserve.cli``)."""
 from __future__ import annotations
 
@@ -9,28 +8,11 @@ from pdserve import config as config_mod
 
 
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the study and benchmark subcommands to ``pdserve``'s parser."""
+    """Add the measurement subcommands to ``pdserve``'s parser."""
     prof = sub.add_parser("profile", help="measure the engine's prefill and decode speed into a JSON profile")
     prof.add_argument("--out", default="deploy/profiles/cpu-smollm2-135m.json")
     prof.add_argument("--model"), prof.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
     prof.set_defaults(func=_profile)
-    sim = sub.add_parser("simulate", help="trace-driven cluster simulation of the routing policies")
-    sim.add_argument("--setup", help="a regime under deploy/sim (paper, paper-h100, paper-tune, cpu, synthetic, "
-                     "azure-conv) or a YAML path; default: the CPU regime of --trace")
-    sim.add_argument("--trace", choices=["mooncake", "azure-conv", "azure-code", "synthetic"])
-    sim.add_argument("--limit", type=int, help="first N requests only")
-    sim.add_argument("--prefill", type=int), sim.add_argument("--decode", type=int)
-    sim.add_argument("--cache-blocks", type=int, help="prefix cache per prefill instance, blocks")
-    sim.add_argument("--ttft-slo-s", type=float, help="default: the setup's, else isolated prefill of the p95 prompt")
-    sim.add_argument("--policies", default="all", help="comma-separated prefill policies")
-    sim.add_argument("--profile", help="latency profile: a name under deploy/profiles or a JSON path")
-    sim.add_argument("--requests", type=int), sim.add_argument("--rate", type=float)
-    sim.add_argument("--seed", type=int)
-    sim.add_argument("--param", action="append", default=[], metavar="POLICY.NAME=VALUE",
-                     help="a policy parameter, e.g. cache_aware.balance_abs_tokens=32768 (repeatable)")
-    sim.add_argument("--ablation", action="store_true", help="also DualMap's goodput with each mechanism off")
-    sim.add_argument("--out", default="results/sim")
-    sim.set_defaults(func=_simulate)
     bench = sub.add_parser("bench", help="load-test a running pdserve over its gRPC API")
     bench.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (gRPC) or http://HOST:PORT (OpenAI API)")
     bench.add_argument("--workload", choices=["sharegpt", "azure-code", "azure-conv", "mooncake"], default="sharegpt")
@@ -112,51 +94,6 @@ def _profile(args: argparse.Namespace) -> int:
     result = profile.run(cfg.engine, resolve_model(cfg.engine.model), Path(args.out))
     print(f"wrote {args.out}: prefill {result['fit']['prefill']}, decode {result['fit']['decode']}")
     return 0
-
-
-_DEFAULT_SETUP = {"mooncake": "cpu", "synthetic": "synthetic", "azure-conv": "azure-conv", "azure-code": "azure-conv"}
-_SETUP_FLAGS = ("trace", "limit", "prefill", "decode", "cache_blocks", "ttft_slo_s", "profile", "requests", "rate", "seed")
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pdserve.sim import workloads
-    from pdserve.sim.cluster import SimConfig
-    from pdserve.sim.setup import load_setup
-    from pdserve.sim.study import run_study
-    from router.latency import LatencyModel
-    from router.policies import PREFILL_POLICIES
-
-    overrides = {k: getattr(args, k) for k in _SETUP_FLAGS if getattr(args, k) is not None}
-    setup = load_setup(args.setup or _DEFAULT_SETUP[args.trace or "mooncake"], overrides)
-    latency = LatencyModel.load(setup.profile_path())
-    requests = workloads.from_setup(setup)
-    slo = setup.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
-    cfg = SimConfig(prefill=setup.prefill, decode=setup.decode, cache_blocks=setup.cache_blocks, ttft_slo_s=slo,
-                    kv_bytes_per_token=setup.kv_bytes_per_token, kv_bandwidth_bps=setup.kv_bandwidth_bps,
-                    warmup=setup.warmup, seed=setup.seed)
-    policies = list(PREFILL_POLICIES) if args.policies == "all" else args.policies.split(",")
-    params = {**setup.policy_params, **_policy_params(args.param)}
-    results = run_study(setup.trace, requests, cfg, latency, policies, Path(args.out), params, setup.fixed_rates,
-                        args.ablation)
-    print(Path(args.out, "table.md").read_text())
-    print(f"TTFT SLO {slo:.1f} s; reference rate {results['reference_rate_rps']:.4f} req/s "
-          f"(capacity of {results['best_baseline']}); {results['seconds']:.0f} s; files in {args.out}")
-    return 0
-
-
-def _policy_params(items: list[str]) -> dict[str, dict]:
-    """``["cache_aware.balance_abs_tokens=32768"]`` -> ``{"cache_aware": {"balance_abs_tokens": 32768.0}}``."""
-    out: dict[str, dict] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        policy, _, name = key.partition(".")
-        if not (policy and name and value):
-            raise config_mod.ConfigError(f"--param {item!r}: expected POLICY.NAME=VALUE")
-        number = float(value)
-        out.setdefault(policy, {})[name] = int(number) if number.is_integer() else number
-    return out
 
 
 DEFAULT_SLOS = ("ttft-tight:0.25:0.5", "tpot-tight:10.0:0.1")

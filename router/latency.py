@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "deploy" / "profiles" / "cpu-smollm2-135m.json"
+DEFAULT_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
+"""KV bytes of one token of the default profile's model (SmolLM2-135M in bf16: 30 layers, K and V, 3
+KV heads of 64), for profiles that give none."""
+DEFAULT_KV_TOKENS = 46_592
+"""KV capacity of one of its CPU engines (1 GiB in 32-token blocks), tokens."""
+DEFAULT_KV_BANDWIDTH_BPS = 700 * 2**20
+"""Prefill -> decode KV bandwidth on this machine's loopback (gRPC stream, 650-785 MiB/s)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,22 @@ class LatencyModel:
         a, b, c = self.prefill
         return max(0.0, a + b * tokens + c * (tokens * tokens + 2 * tokens * cached)) if tokens > 0 else 0.0
 
+    def prefill_batch_s(self, lengths: Sequence[int]) -> float:
+        """Time of one forward pass over several whole prompts (no cached prefix): the fixed cost
+        once, each prompt's own token and attention terms (prompts do not attend to each other)."""
+        a, b, c = self.prefill
+        return max(0.0, a + sum(b * n + c * n * n for n in lengths)) if lengths else 0.0
+
+    def mixed_step_s(self, lengths: Sequence[int], batch: int, context: float) -> float:
+        """Time of one step that prefills whole prompts of ``lengths`` and decodes ``batch`` requests
+        of mean ``context`` (chunked-prefill scheduling): the larger fixed cost once, every term of both."""
+        if not batch:
+            return self.prefill_batch_s(lengths)
+        if not lengths:
+            return self.decode_step_s(batch, context)
+        (a, _, _), (d, e, f) = self.prefill, self.decode
+        return max(a, d) + self.prefill_batch_s(lengths) - a + e * batch + f * batch * context
+
     def decode_step_s(self, batch: int, context: float) -> float:
         """Time of one decode step for ``batch`` requests of mean ``context`` tokens."""
         d, e, f = self.decode
@@ -37,9 +60,11 @@ class LatencyModel:
     @classmethod
     def fit(cls, prefill_points: Sequence[tuple[int, float]], decode_points: Sequence[tuple[int, float, float]],
             origin: str) -> LatencyModel:
-        """Least-squares fit of (tokens, seconds) and (batch, context, seconds) points."""
-        prefill = _lstsq([(1.0, n, n * n) for n, _ in prefill_points], [t for _, t in prefill_points])
-        decode = _lstsq([(1.0, b, b * c) for b, c, _ in decode_points], [t for _, _, t in decode_points])
+        """Least-squares fit of (tokens, seconds) and (batch, context, seconds) points, in relative
+        error (each point weighted by 1 / its time): the points span 40 ms to seconds, and an
+        absolute fit would trade the short prompts' accuracy for the long ones'."""
+        prefill = _lstsq([(1 / t, n / t, n * n / t) for n, t in prefill_points], [1.0] * len(prefill_points))
+        decode = _lstsq([(1 / t, b / t, b * c / t) for b, c, t in decode_points], [1.0] * len(decode_points))
         return cls(tuple(prefill), tuple(decode), origin)
 
     @classmethod

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.sim.traces import TraceRequest
 from pdserve.types import LoadSnapshot
-from router.latency import LatencyModel
+from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, DEFAULT_KV_TOKENS, LatencyModel
 from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
 from router.policies.base import REBALANCE_WINDOW
 
@@ -42,11 +42,11 @@ class SimConfig:
     """TTFT target (the capacity search's criterion)."""
     tpot_slo_s: float = 0.0
     """TPOT target (reported only; 0: none)."""
-    kv_bytes_per_token: int = 30 * 2 * 3 * 64 * 2
+    kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
     """KV bytes of one token (SmolLM2-135M, bf16)."""
-    kv_bandwidth_bps: float = 700 * 2**20
+    kv_bandwidth_bps: float = DEFAULT_KV_BANDWIDTH_BPS
     """KV transfer bandwidth (gRPC on loopback, measured here: 650-785 MiB/s)."""
-    decode_kv_tokens: int = 46_592
+    decode_kv_tokens: int = DEFAULT_KV_TOKENS
     """KV capacity of one decode instance, tokens (1 GiB on CPU)."""
     rebalance_interval_s: float = 1.0
     """How often policies with ``rebalance`` are consulted: this, or 1/100 of the TTFT SLO if

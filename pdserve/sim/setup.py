@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from pdserve.config import ConfigError, from_dict
-from router.latency import profile_path
+from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, profile_path
 
 SETUPS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "sim"
 
@@ -44,9 +44,9 @@ class SimSetup:
     """Latency profile: a file name under ``deploy/profiles`` (without .json) or a path."""
     ttft_slo_s: float = 0.0
     """TTFT SLO; 0: the idle-cluster prefill time of the workload's p95 prompt."""
-    kv_bytes_per_token: int = 23_040
+    kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
     """KV bytes per token of the profiled model (moved prefill -> decode)."""
-    kv_bandwidth_bps: float = 700 * 2**20
+    kv_bandwidth_bps: float = DEFAULT_KV_BANDWIDTH_BPS
     """KV transfer bandwidth."""
     fixed_rates: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     """Rates, as multiples of the best baseline's goodput, at which every policy's attainment is

@@ -82,6 +82,29 @@ def _azure_time(stamp: str) -> float:
     return datetime.fromisoformat(f"{day} {whole}").timestamp() + float(f"0.{frac or 0}")
 
 
+CHARS_PER_TOKEN = 3.99
+"""ShareGPT text to tokens: measured with a GPT-2-family BPE (SmolLM2's; OPT's is GPT-2's) over the
+500 prompts of the shared sample."""
+
+
+def sharegpt_chat(prompts_path: str | Path, outputs_path: str | Path, n: int, seed: int,
+                  rate: float = 1.0) -> list[TraceRequest]:
+    """A chat workload: ``n`` Poisson arrivals at ``rate``/s, each a ShareGPT first-turn prompt
+    (its length in tokens by ``CHARS_PER_TOKEN``) with an output length drawn from the Azure 2023
+    conversation trace's, kept to the sample's 4-800 token filter. The sample has no outputs; the
+    Azure trace is the public record of a chat service's output lengths. No prefix sharing."""
+    rng = random.Random(seed)
+    data = json.loads(Path(prompts_path).read_text())
+    prompts = [max(1, round(len(c["conversations"][0]["value"]) / CHARS_PER_TOKEN)) for c in data]
+    with open(outputs_path, newline="") as f:
+        outputs = [min(800, max(4, int(row["GeneratedTokens"]))) for row in csv.DictReader(f)]
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(TraceRequest(t, rng.choice(prompts), rng.choice(outputs), ()))
+    return out
+
+
 def synthetic(n: int, rate: float, seed: int, groups: int = 50, zipf_s: float = 1.1, prefix_blocks: int = 8,
               suffix_blocks: tuple[int, int] = (1, 6), output_len: tuple[int, int] = (50, 400),
               block_size: int = MOONCAKE_BLOCK) -> list[TraceRequest]:

@@ -1,6 +1,7 @@
 """Named workloads for ``pdserve simulate`` and the SLO rule used with them."""
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ DEFAULT_PATHS = {
     "mooncake": SHARED / "mooncake_fast25" / "conversation_trace.jsonl",
     "azure-conv": SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv",
     "azure-code": SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv",
+    "sharegpt": SHARED / "sharegpt_mlenergy" / "ShareGPT_V3_filtered_500.json",
 }
 
 
@@ -19,10 +21,33 @@ def load(name: str, path: str | None, limit: int | None, requests: int, rate: fl
     """The workload ``name`` (a trace file, or ``synthetic`` Poisson with shared prefixes)."""
     if name == "synthetic":
         return traces.synthetic(requests, rate, seed)
+    if name == "sharegpt":
+        return traces.sharegpt_chat(DEFAULT_PATHS["sharegpt"], DEFAULT_PATHS["azure-conv"], requests, seed, rate)
     file = Path(path) if path else DEFAULT_PATHS[name]
     if not file.is_file():
         raise FileNotFoundError(f"trace {file} not found (pass --path)")
     return traces.load_mooncake(file, limit) if name == "mooncake" else traces.load_azure(file, limit)
+
+
+def poisson_lengths(name: str, n: int, seed: int, input_scale: float = 1.0, max_context: int = 0,
+                    max_output: int = 0) -> list[traces.TraceRequest]:
+    """``n`` requests of workload ``name``'s prompt and output lengths, arriving as a Poisson process
+    at 1 req/s (DistServe's arrivals; the planner's search compresses them). No prefix sharing.
+    Prompts are scaled by ``input_scale``; outputs are capped at ``max_output`` and prompt + output
+    at ``max_context`` (0: no cap)."""
+    if name == "sharegpt":
+        rows = traces.sharegpt_chat(DEFAULT_PATHS["sharegpt"], DEFAULT_PATHS["azure-conv"], n, seed)
+    else:
+        rng, t, rows = random.Random(seed), 0.0, []
+        for r in load(name, None, n, n, 1.0, seed):
+            t += rng.expovariate(1.0)
+            rows.append(traces.TraceRequest(t, r.input_len, r.output_len, ()))
+    out = []
+    for r in rows:
+        n_in = max(1, round(r.input_len * input_scale))
+        n_out = min(r.output_len, max_output or r.output_len, max_context // 2 or r.output_len)
+        out.append(replace(r, input_len=min(n_in, max_context - n_out) if max_context else n_in, output_len=n_out))
+    return out
 
 
 def from_setup(setup) -> list[traces.TraceRequest]:
