@@ -1,11 +1,12 @@
 """``DecodeWorker``: continues a request from its first token with the prompt's KV pulled from
-the prefill instance that computed it."""
+the prefill instance that computed it. ``FlexWorker``: an engine in every role."""
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
 from pdserve.types import DecodeChunk, SamplingSpec
 from pdserve.worker import EngineWorker, own_errors_stream
+from prefill_worker.worker import PrefillWorker
 
 
 class DecodeWorker(EngineWorker):
@@ -21,3 +22,11 @@ class DecodeWorker(EngineWorker):
         stream = self.host.stream(request_id, prompt_ids + [first_token], spec, spec.max_tokens - 1, kv_params)
         async for chunk in own_errors_stream(stream):
             yield chunk
+
+
+class FlexWorker(PrefillWorker, DecodeWorker):
+    """Ray actor of an adaptive deployment (``mode: adaptive``): one ``kv_both`` engine that
+    prefills for a remote decode (``prefill``), decodes from remote KV (``decode``) or serves a
+    request whole (``generate``), as the router decides per request (``router.split``)."""
+
+    role = "flex"

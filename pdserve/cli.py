@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-policy"), serve.add_argument("--decode-policy")
     serve.add_argument("--model", help="local Hugging Face model folder (default: bundled SmolLM2-135M)")
     serve.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
-    serve.add_argument("--mode", choices=["disaggregated", "colocated"],
-                       help="colocated: the same number of engines, each serving both phases (the baseline)")
+    serve.add_argument("--mode", choices=list(config_mod.MODES),
+                       help="colocated: the same number of engines, each serving both phases (the baseline); "
+                            "adaptive: kv_both engines, disaggregated per request")
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="stream an answer to the terminal")
     gen.add_argument("text"), gen.add_argument("--target", default="127.0.0.1:50051")

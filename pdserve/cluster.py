@@ -59,12 +59,13 @@ class Cluster:
         total = self.cfg.prefill.instances + self.cfg.decode.instances
         self._init_ray(total)
         gpu = self._use_gpu()
-        from decode_worker.worker import DecodeWorker
+        from decode_worker.worker import DecodeWorker, FlexWorker
         from prefill_worker.worker import ColocatedWorker, PrefillWorker
 
-        if self.cfg.mode == "colocated":  # the same engines, each serving both phases
+        if self.cfg.mode in ("colocated", "adaptive"):  # the same engines, each serving both phases
+            cls = ColocatedWorker if self.cfg.mode == "colocated" else FlexWorker
             for i in range(total):
-                self.prefill.append(self._spawn(ColocatedWorker, f"engine-{i}", model, i, gpu, self.cfg.prefill.ray_resources))
+                self.prefill.append(self._spawn(cls, f"engine-{i}", model, i, gpu, self.cfg.prefill.ray_resources))
             self._wait_ready(model)
             return
         for i in range(self.cfg.prefill.instances):
@@ -90,14 +91,14 @@ class Cluster:
                         ray.get([w.actor.pid.remote() for w in self.workers], timeout=60)))
 
     def add_worker(self, role: str, wait: bool = True, kv: KvTransferConfig | None = None) -> WorkerRef:
-        """Start one more worker of ``role`` (prefill, decode or colocated) on the running cluster
-        and add it to its pool (colocated workers join ``prefill``); with ``wait``, return once its
+        """Start one more worker of ``role`` (prefill, decode, colocated or flex) on the running
+        cluster and add it to its pool (colocated and flex workers join ``prefill``); with ``wait``, return once its
         engine is up (bounded), else at once while it loads. ``kv`` overrides the deployment's KV
         settings for this worker (a prefill's transport and lease are its own)."""
-        from decode_worker.worker import DecodeWorker
+        from decode_worker.worker import DecodeWorker, FlexWorker
         from prefill_worker.worker import ColocatedWorker, PrefillWorker
 
-        cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[role]
+        cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker, "flex": FlexWorker}[role]
         pool, cfg = (self.decode, self.cfg.decode) if role == "decode" else (self.prefill, self.cfg.prefill)
         name = f"{role}-{sum(w.role == role for w in self.workers)}"
         worker = self._spawn(cls, name, self.model_info.model, len(self.workers), self._use_gpu(), cfg.ray_resources, kv)

@@ -97,10 +97,14 @@ class RoutingConfig:
     .json), a path, or ``auto`` (the shipped CPU profile; the online refit adapts it)."""
     refit_latency: bool = True
     """Rescale the profile online from observed prefill times, so predictions fit the hardware."""
+    split_budget_s: float = 0.1
+    """``mode: adaptive``: a request is disaggregated when its predicted prefill exceeds its TPOT SLO,
+    or this when it has none, and its engine is decoding (``router.split``)."""
 
     def __post_init__(self) -> None:
         _require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")
         _require(bool(self.latency_profile), "routing.latency_profile must name a profile or be auto")
+        _require(self.split_budget_s > 0, "routing.split_budget_s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,10 @@ class PoolConfig:
             "pool ray_resources must map resource names to amounts > 0")
 
 
+MODES = ("disaggregated", "colocated", "adaptive")
+"""Deployment shapes (``ServeConfig.mode``)."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """A whole deployment: the router's endpoint, Ray, the two pools and their engines."""
@@ -208,8 +216,9 @@ class ServeConfig:
     ``pdserve-<name>``, which a restarted ``pdserve serve`` re-attaches to and ``pdserve stop``
     ends."""
     mode: str = "disaggregated"
-    """``disaggregated`` (prefill and decode pools, KV transfer) or ``colocated`` (the same number
-    of engines, prefill.instances + decode.instances, each serving both phases; the baseline)."""
+    """``disaggregated`` (prefill and decode pools, KV transfer), ``colocated`` (the same number of
+    engines, prefill.instances + decode.instances, each serving both phases; the baseline) or
+    ``adaptive`` (that many ``kv_both`` engines; the router disaggregates per request)."""
     host: str = "127.0.0.1"
     """Address the router's gRPC server binds."""
     port: int = 50051
@@ -255,7 +264,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name)),
                  f"name must be 1-63 letters, digits, '_', '.', '-', got {self.name!r}")
-        _require(self.mode in ("disaggregated", "colocated"), f"mode must be disaggregated or colocated, got {self.mode!r}")
+        _require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(0 <= self.port < 65536, "port must be in 0..65535")
         _require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")
         _require(-1 <= self.http_port < 65536, "http_port must be in -1..65535")

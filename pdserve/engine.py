@@ -1,5 +1,6 @@
 """``EngineHost``: one vLLM ``AsyncLLM`` engine in the role of prefill (KV producer), decode (KV
-consumer) or both (colocated, no connector). Imports vLLM: only worker processes import this.
+consumer), both phases without a connector (colocated) or every role (flex: ``kv_both``).
+Imports vLLM: only worker processes import this.
 
 Called by the worker actors (``prefill_worker``, ``decode_worker``); every method is async and
 safe to call concurrently (vLLM's AsyncLLM multiplexes requests).
@@ -22,10 +23,10 @@ from pdserve.stats import EngineStatsLogger
 from pdserve.types import (DecodeChunk, InvalidRequestError, LoadSnapshot, ModelInfo, PrefillResult,
                            PromptInput, SamplingSpec)
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = ("prefill", "decode", "colocated", "flex")
 MAX_ABORTED_IDS = 10_000
 """Aborted request ids remembered, so an abort that overtakes its request still ends it."""
-_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "flex": "kv_both"}
 
 
 def engine_args(cfg: EngineConfig, model: str, role: str, connector: dict[str, Any]) -> AsyncEngineArgs:

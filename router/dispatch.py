@@ -32,6 +32,7 @@ from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attemp
 from router.policies import RouteRequest, block_hashes
 from router.pools import WorkerPool
 from router.request import RouterRequest
+from router.split import SplitRule
 from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger("pdserve.router")
@@ -41,14 +42,15 @@ __all__ = ["Dispatcher", "FinalEvent", "TokenEvent", "WorkerFailedError", "route
 
 
 class Dispatcher:
-    """The request path: over two pools (disaggregated), or over one pool of engines that serve
-    both phases (colocated: ``decode`` is None)."""
+    """The request path: over two pools (disaggregated), over one pool of engines that serve
+    both phases (colocated: ``decode`` is None), or over two pools of the same ``kv_both``
+    engines, disaggregating per request as ``split`` decides (adaptive)."""
 
     def __init__(self, prefill: WorkerPool, decode: WorkerPool | None, model: ModelInfo, default_max_tokens: int,
                  record: Callable[[RequestRecord], None] = lambda rec: None, router_block: int = 0,
                  retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0,
-                 tokenizer: PromptTokenizer | None = None) -> None:
-        self.prefill, self.decode = prefill, decode
+                 tokenizer: PromptTokenizer | None = None, split: SplitRule | None = None) -> None:
+        self.prefill, self.decode, self.split = prefill, decode, split
         self.max_model_len = model.max_model_len
         self.router_block = router_block_tokens(model, router_block)
         self.default_max_tokens = default_max_tokens
@@ -71,6 +73,15 @@ class Dispatcher:
     def pools(self) -> list[WorkerPool]:
         """The pools requests go through: prefill and decode, or the one colocated pool."""
         return [p for p in (self.prefill, self.decode) if p is not None]
+
+    def _steps(self, req: RouterRequest, route: RouteRequest, ids: list[int],
+               legs: Legs) -> AsyncIterator[TokenEvent]:
+        """The request's path in this deployment's mode."""
+        if self.decode is None:
+            return self._colocated(req, route, ids, legs)
+        if self.split is not None:
+            return self._adaptive(req, route, ids, legs)
+        return self._disaggregated(req, route, ids, legs)
 
     async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Stream the request's events; raises InvalidRequestError, OverloadedError,
@@ -116,8 +127,7 @@ class Dispatcher:
 
     async def _run(self, req: RouterRequest, legs: Legs) -> AsyncIterator[TokenEvent | FinalEvent]:
         route, ids = await self._prepare(req)
-        steps = self._disaggregated(req, route, ids, legs) if self.decode is not None else self._colocated(req, route, ids, legs)
-        async for event in steps:
+        async for event in self._steps(req, route, ids, legs):
             yield event
         req.to(RequestState.FINISHED)
         yield final_event(req, legs)
@@ -126,6 +136,25 @@ class Dispatcher:
                          legs: Legs) -> AsyncIterator[TokenEvent]:
         """One engine serves both phases (the colocated baseline); PREFILLING -> DECODING."""
         await self._admit(req, route, legs)
+        async for event in self._whole(req, ids, legs):
+            yield event
+
+    async def _adaptive(self, req: RouterRequest, route: RouteRequest, ids: list[int],
+                        legs: Legs) -> AsyncIterator[TokenEvent]:
+        """Admission picks the engine for the prompt; the split rule decides whether it serves the
+        request whole or prefills it for a decode on another engine (``router.split``)."""
+        await self._admit(req, route, legs)
+        engine = legs.prefill.name
+        others = sum(s.instance != engine for s in self.decode.live())
+        decision = self.split.decide(legs.ticket.uncached, self.prefill.snapshot(engine), others, req.tpot_slo_ms)
+        self.prefill.record_decision("split", engine, decision.reason)
+        steps = (self._disaggregated(req, route, ids, legs, admitted=True) if decision.disaggregate
+                 else self._whole(req, ids, legs))
+        async for event in steps:
+            yield event
+
+    async def _whole(self, req: RouterRequest, ids: list[int], legs: Legs) -> AsyncIterator[TokenEvent]:
+        """The admitted request, whole, on its prefill engine (``generate``)."""
         legs.decode = legs.prefill
         legs.decode_id = attempt_id(req.request_id)
         stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(legs.decode_id, ids, req.sampling)
@@ -154,9 +183,10 @@ class Dispatcher:
             req.to(RequestState.PREFILLING)
 
     async def _disaggregated(self, req: RouterRequest, route: RouteRequest, ids: list[int],
-                             legs: Legs) -> AsyncIterator[TokenEvent]:
-        """Prefill instance, KV hand-off, decode instance."""
-        result = legs.result = await self._prefill(req, route, ids, legs)
+                             legs: Legs, admitted: bool = False) -> AsyncIterator[TokenEvent]:
+        """Prefill instance, KV hand-off, decode instance (``admitted``: the first prefill attempt's
+        engine is already chosen and dispatched)."""
+        result = legs.result = await self._prefill(req, route, ids, legs, admitted)
         legs.handle = KvHandle.from_params(result.kv_params)
         req.mark("first_token")
         legs.tokens_sent(1)
@@ -171,10 +201,13 @@ class Dispatcher:
                     yield TokenEvent(chunk.token_ids, chunk.text)
                 legs.finish, legs.kv = chunk.finish_reason or legs.finish, chunk.kv or legs.kv
 
-    async def _prefill(self, req: RouterRequest, route: RouteRequest, ids: list[int], legs: Legs) -> PrefillResult:
+    async def _prefill(self, req: RouterRequest, route: RouteRequest, ids: list[int], legs: Legs,
+                       admitted: bool = False) -> PrefillResult:
         """The prefill call, retried on a worker failure (the client has seen nothing yet)."""
         while True:
-            await self._admit(req, route, legs)
+            if not admitted:
+                await self._admit(req, route, legs)
+            admitted = False
             legs.prefill_id = attempt_id(req.request_id)
             legs.prefill_ref = legs.prefill.actor.prefill.remote(legs.prefill_id, ids, req.sampling, route.max_tokens > 1)
             try:
@@ -217,7 +250,7 @@ class Dispatcher:
         while True:
             prompt, first = ids + legs.sent[:-1], legs.sent[-1]
             await self.decode.wait_live(self.retry_wait_s)
-            legs.decode = self.decode.pick(route)
+            legs.decode = self.decode.pick(route, avoid=legs.prefill.name if self.split else "")
             if req.state is RequestState.PREFILLING:
                 req.to(RequestState.TRANSFERRING)
             stream = legs.decode.actor.decode.options(num_returns="streaming").remote(

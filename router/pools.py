@@ -77,18 +77,28 @@ class WorkerPool:
         """Snapshots of the live workers."""
         return [s for s in self.snapshots() if s.alive]
 
-    def pick(self, request: RouteRequest) -> Any:
-        """The worker the policy chooses among the live ones; NoInstanceError if none is live."""
-        return self.choose(request)[0]
+    def snapshot(self, name: str) -> LoadSnapshot:
+        """The last snapshot of the worker named ``name``."""
+        return self._loads[name]
 
-    def choose(self, request: RouteRequest) -> tuple[Any, Choice]:
+    def pick(self, request: RouteRequest, avoid: str = "") -> Any:
+        """The worker the policy chooses among the live ones, other than ``avoid`` while another
+        is live (an adaptive decode leaves its prompt's engine); NoInstanceError if none is live."""
+        return self.choose(request, avoid)[0]
+
+    def choose(self, request: RouteRequest, avoid: str = "") -> tuple[Any, Choice]:
         """Like ``pick``, with the policy's whole answer (reason, TTFT prediction)."""
         candidates = self.live()
         if not candidates:
             raise NoInstanceError(f"no live {self.role} instance")
+        candidates = [s for s in candidates if s.instance != avoid] or candidates
         choice = self.policy.select(request, candidates)
-        self._on_decision(RouteDecision(self.role, self.policy.name, choice.instance, choice.reason))
+        self.record_decision(self.policy.name, choice.instance, choice.reason)
         return self._workers[choice.instance], choice
+
+    def record_decision(self, policy: str, instance: str, reason: str) -> None:
+        """Count one decision about ``instance`` (the exporter's decision counters)."""
+        self._on_decision(RouteDecision(self.role, policy, instance, reason))
 
     async def wait_live(self, timeout_s: float) -> None:
         """Return once a worker is live, waiting at most ``timeout_s`` (a restart, a stall);

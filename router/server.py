@@ -25,6 +25,7 @@ from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
 from router.security import BearerAuth, Guard
 from router.settings import ServiceSettings, latency_model
+from router.split import SplitRule
 from router.pools import WorkerPool
 from router.stats import RouterStats
 from router.tokenizer import PromptTokenizer
@@ -199,13 +200,16 @@ class RouterServer:
         policy = make_policy(settings.prefill_policy, ctx, **settings.prefill_params)
         admission = AdmissionQueue(settings.admission, self.latency, policy, role, self.stats.record_decision)
         watchdog = settings.faults.progress_timeout_s
+        adaptive = settings.mode == "adaptive"  # one set of kv_both engines behind both pools
         self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog)
-        self.decode = None if colocated else WorkerPool("decode", decode, make_policy(settings.decode_policy, ctx),
+        self.decode = None if colocated else WorkerPool("decode", prefill if adaptive else decode,
+                                                        make_policy(settings.decode_policy, ctx),
                                                         self.stats.record_decision, progress_timeout_s=watchdog)
+        split = SplitRule(self.latency, settings.routing.split_budget_s) if adaptive else None
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
                                      settings.faults.retry_wait_s, settings.kv_lease_s,
-                                     _tokenizer(model) if settings.tokenize_in_router else None)
+                                     _tokenizer(model) if settings.tokenize_in_router else None, split)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
