@@ -100,11 +100,18 @@ class RoutingConfig:
     split_budget_s: float = 0.1
     """``mode: adaptive``: a request is disaggregated when its predicted prefill exceeds its TPOT SLO,
     or this when it has none, and its engine is decoding (``router.split``)."""
+    role_window: int = 50
+    """``mode: adaptive``: requests with SLOs whose attainment decides a change of an engine's role
+    (``router.roles``); 0: engines keep their roles."""
+    role_cooldown_s: float = 10.0
+    """``mode: adaptive``: the least time between two changes of role."""
 
     def __post_init__(self) -> None:
         _require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")
         _require(bool(self.latency_profile), "routing.latency_profile must name a profile or be auto")
         _require(self.split_budget_s > 0, "routing.split_budget_s must be > 0")
+        _require(self.role_window >= 0 and self.role_cooldown_s >= 0,
+                 "routing.role_window and routing.role_cooldown_s must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,11 @@ class WorkerPool:
 
     def __init__(self, role: str, workers: Sequence[Any], policy: Policy,
                  on_decision: Callable[[RouteDecision], None] = lambda decision: None,
-                 admission: AdmissionQueue | None = None, progress_timeout_s: float = 0.0) -> None:
+                 admission: AdmissionQueue | None = None, progress_timeout_s: float = 0.0,
+                 eligible: Callable[[str], bool] = lambda name: True) -> None:
         self.role, self.policy, self._on_decision = role, policy, on_decision
+        self.eligible = eligible
+        """Whether a worker currently serves this pool's phase (an adaptive engine's role)."""
         self.admission = admission
         """The router-side queue in front of this pool's prefills (prefill and colocated pools)."""
         self._workers = {w.name: w for w in workers}
@@ -91,6 +94,7 @@ class WorkerPool:
         candidates = self.live()
         if not candidates:
             raise NoInstanceError(f"no live {self.role} instance")
+        candidates = [s for s in candidates if self.eligible(s.instance)] or candidates
         candidates = [s for s in candidates if s.instance != avoid] or candidates
         choice = self.policy.select(request, candidates)
         self.record_decision(self.policy.name, choice.instance, choice.reason)

@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator, Sequence
 import grpc
 
 from pdserve.metrics import PrometheusExporter
-from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
+from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
+                           RouteDecision)
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
@@ -25,6 +26,7 @@ from router.http_api import HttpFrontEnd
 from router.policies import PolicyContext, make_policy
 from router.security import BearerAuth, Guard
 from router.settings import ServiceSettings, latency_model
+from router.roles import RoleBalancer
 from router.split import SplitRule
 from router.pools import WorkerPool
 from router.stats import RouterStats
@@ -184,6 +186,10 @@ def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _every(name: str) -> bool:
+    """Every worker serves its pool's phase (all modes but adaptive)."""
+    return True
+
 class RouterServer:
     """The gRPC server, the load poller and the metrics endpoint; one per deployment."""
 
@@ -201,10 +207,14 @@ class RouterServer:
         admission = AdmissionQueue(settings.admission, self.latency, policy, role, self.stats.record_decision)
         watchdog = settings.faults.progress_timeout_s
         adaptive = settings.mode == "adaptive"  # one set of kv_both engines behind both pools
-        self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog)
-        self.decode = None if colocated else WorkerPool("decode", prefill if adaptive else decode,
-                                                        make_policy(settings.decode_policy, ctx),
-                                                        self.stats.record_decision, progress_timeout_s=watchdog)
+        self.roles = RoleBalancer([w.name for w in prefill], window=settings.routing.role_window,
+                                  cooldown_s=settings.routing.role_cooldown_s) if adaptive else None
+        self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog,
+                                  self.roles.takes_prompts if adaptive else _every)
+        self.decode = None if colocated else WorkerPool(
+            "decode", prefill if adaptive else decode, make_policy(settings.decode_policy, ctx),
+            self.stats.record_decision, progress_timeout_s=watchdog,
+            eligible=self.roles.takes_decodes if adaptive else _every)
         split = SplitRule(self.latency, settings.routing.split_budget_s) if adaptive else None
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
@@ -212,6 +222,8 @@ class RouterServer:
                                      _tokenizer(model) if settings.tokenize_in_router else None, split)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
+        if self.roles is not None and settings.routing.role_window:
+            self.stats.listeners.append(self.roles)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
         self.health = HealthReporter(self.dispatcher.pools)
         self.guard = Guard.load(settings.security)
@@ -255,8 +267,18 @@ class RouterServer:
         while True:
             await asyncio.gather(*(p.refresh(POLL_TIMEOUT_S) for p in self.dispatcher.pools))
             await self.health.update()
-            self.prefill.admission.rebalance({s.instance for s in self.prefill.live()})
+            self._change_roles()
+            self.prefill.admission.rebalance({s.instance for s in self.prefill.live()
+                                              if self.prefill.eligible(s.instance)})
             await asyncio.sleep(POLL_INTERVAL_S)
+
+    def _change_roles(self) -> None:
+        """Adaptive mode: apply the role balancer's change, if any; logged and counted as a decision."""
+        change = self.roles.rebalance(self.prefill.live(), time.monotonic()) if self.roles is not None else None
+        if change is not None:
+            log.info("engine %s: role %s -> %s (%s)", change.instance, change.old, change.new, change.reason)
+            self.stats.record_decision(RouteDecision("roles", "balancer", change.instance,
+                                                     f"{change.old}->{change.new}:{change.reason.split(':')[0]}"))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drain: health NOT_SERVING and new requests refused at once, running ones given

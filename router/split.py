@@ -8,8 +8,9 @@ chosen the engine that will run its prompt:
   and the KV hop would only add latency), when the prompt's predicted prefill fits within one
   token's TPOT budget (the stall it causes every running decode is within the SLO), or when no
   other engine is live to decode it;
-- **disaggregated** otherwise: the engine prefills and holds the KV, and the decode runs on
-  another engine chosen by the decode policy, so the running decodes keep their pace.
+- **disaggregated** otherwise, and always when the engine's role is ``prefill``: the engine
+  prefills and holds the KV, and the decode runs on another engine chosen by the decode policy,
+  so the running decodes keep their pace.
 
 Pure: load comes in as a snapshot, the latency model is the router's (refit online).
 """
@@ -37,9 +38,12 @@ class SplitRule:
         self.latency, self.default_budget_s = latency, default_budget_s
 
     def decide(self, uncached_tokens: int, engine: LoadSnapshot, others_live: int,
-               tpot_slo_ms: float = 0.0) -> SplitDecision:
+               tpot_slo_ms: float = 0.0, decodes_here: bool = True) -> SplitDecision:
         """Called by the dispatcher once per request of an adaptive deployment: ``engine`` is the
-        one admission chose for the prompt, ``others_live`` how many other engines could decode."""
+        one admission chose for the prompt, ``others_live`` how many other engines could decode,
+        ``decodes_here`` whether the engine's role takes decodes (``router.roles``)."""
+        if not decodes_here and others_live:
+            return SplitDecision(True, "split:prefill_role")
         if engine.running == 0:
             return SplitDecision(False, "whole:idle_engine")
         if others_live == 0:

@@ -1,7 +1,8 @@
 """The adaptive mode (`mode: adaptive`) on two real `kv_both` engines: a request served whole by a
 flex engine is exact, and so is one prefilled on a flex engine and decoded on the other; while both
-engines decode, the per-request rule serves a short prompt whole and disaggregates a long one, each
-decision counted in the metrics. Two flex engines join the session's cluster for this module."""
+engines decode, the per-request rule serves a short prompt whole and disaggregates a long one; when
+TPOT attainment falls short, an engine moves to the decode role and takes no more prompts. Each
+decision is counted in the metrics. Two flex engines join the session's cluster for this module."""
 from __future__ import annotations
 
 import threading
@@ -12,6 +13,7 @@ import ray
 from conftest import start_router, stop_router, wait_until
 from helpers import STORY, exactness_cases, idle, kv_bytes, reference, reset_caches, tokenize
 from pdserve.client import PdServeClient, build_request
+from pdserve.config import RoutingConfig
 from pdserve.types import PromptInput, SamplingSpec
 
 
@@ -19,7 +21,8 @@ from pdserve.types import PromptInput, SamplingSpec
 def adaptive(cluster):
     """A router in adaptive mode over two added flex engines."""
     engines = [cluster.add_worker("flex") for _ in range(2)]
-    router = start_router(engines, [], cluster.model_info, mode="adaptive", prefill_policy="least_loaded")
+    router = start_router(engines, [], cluster.model_info, mode="adaptive", prefill_policy="least_loaded",
+                          routing=RoutingConfig(role_window=4, role_cooldown_s=0.0))
     client = PdServeClient(router.target)
     yield cluster, router, client, engines
     client.close()
@@ -68,9 +71,9 @@ def test_a_flex_engine_decodes_another_flex_engines_prefill_exactly(adaptive):
     assert wait_until(lambda: idle(cluster), 30)
 
 
-def decisions(router, reason: str) -> float:
+def decisions(router, reason: str, pool: str = "prefill", policy: str = "split") -> float:
     value = router.server.exporter.registry.get_sample_value(
-        "pdserve_router_decisions_total", {"pool": "prefill", "policy": "split", "reason": reason})
+        "pdserve_router_decisions_total", {"pool": pool, "policy": policy, "reason": reason})
     return value or 0.0
 
 
@@ -104,4 +107,21 @@ def test_short_prompt_whole_long_prompt_split_while_engines_decode(adaptive):
     assert len(got_short.token_ids) == len(got_long.token_ids) == 16
     for thread in background:
         thread.join(300)
+    assert wait_until(lambda: idle(cluster), 30)
+
+
+def test_an_engine_takes_the_decode_role_when_tpot_falls_short(adaptive):
+    cluster, router, client, engines = adaptive
+    assert set(router.server.roles.roles.values()) == {"both"}
+    for i in range(4):  # a window of requests that meet a loose TTFT and miss an impossible TPOT
+        got = client.complete(build_request(prompt=f"Tell me about the sea, {i}.", max_tokens=8, ignore_eos=True,
+                                            ttft_ms=60_000, tpot_ms=0.001), timeout_s=120)
+        assert len(got.token_ids) == 8
+    assert wait_until(lambda: decisions(router, "both->decode:tpot_short", "roles", "balancer") == 1, 30)
+    decoding = [name for name, role in router.server.roles.roles.items() if role == "decode"]
+    assert len(decoding) == 1 and set(router.server.roles.roles.values()) == {"both", "decode"}
+    for i in range(3):  # no prompt goes to the decode engine any more
+        got = client.complete(build_request(prompt=f"Name a colour, {i}.", max_tokens=4, ignore_eos=True),
+                              timeout_s=120)
+        assert got.final.prefill_instance != decoding[0]
     assert wait_until(lambda: idle(cluster), 30)

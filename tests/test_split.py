@@ -25,3 +25,10 @@ def test_split_rule(tokens, running, others, tpot_slo_ms, disaggregate, reason):
     rule = SplitRule(MODEL, default_budget_s=0.1)
     decision = rule.decide(tokens, LoadSnapshot("e0", running=running), others, tpot_slo_ms)
     assert (decision.disaggregate, decision.reason) == (disaggregate, reason)
+
+
+def test_an_engine_in_the_prefill_role_always_splits():
+    rule = SplitRule(MODEL, default_budget_s=0.1)
+    decision = rule.decide(10, LoadSnapshot("e0", running=0), 1, decodes_here=False)
+    assert (decision.disaggregate, decision.reason) == (True, "split:prefill_role")
+    assert not rule.decide(10, LoadSnapshot("e0", running=0), 0, decodes_here=False).disaggregate

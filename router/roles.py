@@ -1,0 +1,96 @@
+"""``RoleBalancer``: moves an adaptive deployment's engines between roles when SLO attainment shows
+one phase short of capacity (``mode: adaptive``).
+
+Roles: ``both`` (the engine takes prompts and decodes), ``prefill`` (prompts only: its requests
+decode elsewhere) and ``decode`` (decodes only: no prompt is admitted to it). Every engine starts
+in ``both``, so an adaptive deployment starts as a colocated one that disaggregates per request;
+with one engine in ``prefill`` and one in ``decode`` it is the fixed 1:1 split.
+
+The router feeds it every finished request that carries an SLO (``on_request``) and calls
+``rebalance`` from its load poller. Over the last ``window`` such requests:
+- TTFT attainment below ``target`` while TPOT attainment meets it: prefill is short. An engine in
+  ``decode`` goes back to ``both``; else one in ``both`` becomes ``prefill``, so its prompts stop
+  waiting behind decode steps there.
+- TPOT attainment short while TTFT meets it: the mirror image (``prefill`` back to ``both``, else a
+  ``both`` becomes ``decode``, so no prompt stalls its decodes).
+- Both short (overload) or both met: no change.
+At least one engine always takes prompts and one decodes. After a change the window starts again,
+and no change comes within ``cooldown_s``. Pure: load and time are passed in.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from pdserve.types import LoadSnapshot, RequestRecord, RouteDecision
+
+BOTH, PREFILL, DECODE = "both", "prefill", "decode"
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    """One engine's change of role, and why (a decision label in the metrics)."""
+
+    instance: str
+    old: str
+    new: str
+    reason: str
+
+
+class RoleBalancer:
+    """The roles of one adaptive deployment's engines."""
+
+    def __init__(self, instances: Sequence[str], target: float = 0.9, window: int = 50,
+                 cooldown_s: float = 10.0) -> None:
+        self.roles = {name: BOTH for name in instances}
+        self.target, self.cooldown_s = target, cooldown_s
+        self._window: deque[tuple[bool, bool]] = deque(maxlen=window)
+        self._last_change = float("-inf")
+
+    def takes_prompts(self, name: str) -> bool:
+        """Whether admission may send this engine a prompt (the prefill pool's filter)."""
+        return self.roles.get(name, BOTH) != DECODE
+
+    def takes_decodes(self, name: str) -> bool:
+        """Whether a decode may run on this engine (the decode pool's filter and the split rule's)."""
+        return self.roles.get(name, BOTH) != PREFILL
+
+    def on_request(self, record: RequestRecord) -> None:
+        """A finished request (``RouterStats`` listener): counted when it carries an SLO."""
+        if record.ttft_s is not None and (record.ttft_slo_s or record.tpot_slo_s):
+            self._window.append(record.slo_met())
+
+    def on_decision(self, decision: RouteDecision) -> None:
+        """``RouterStats`` listener hook; routing decisions do not move roles."""
+
+    def rebalance(self, loads: Sequence[LoadSnapshot], now: float) -> RoleChange | None:
+        """The change the last window calls for, applied; None when it calls for none."""
+        if len(self._window) < (self._window.maxlen or 0) or now - self._last_change < self.cooldown_s:
+            return None
+        ttft = sum(ok for ok, _ in self._window) / len(self._window)
+        tpot = sum(ok for _, ok in self._window) / len(self._window)
+        if ttft < self.target <= tpot:
+            change = self._shift(loads, undo=DECODE, to=PREFILL, reason=f"ttft_short:{ttft:.2f}")
+        elif tpot < self.target <= ttft:
+            change = self._shift(loads, undo=PREFILL, to=DECODE, reason=f"tpot_short:{tpot:.2f}")
+        else:
+            return None
+        if change is not None:
+            self.roles[change.instance] = change.new
+            self._window.clear()
+            self._last_change = now
+        return change
+
+    def _shift(self, loads: Sequence[LoadSnapshot], undo: str, to: str, reason: str) -> RoleChange | None:
+        """Give the short phase an engine: undo a specialisation for the other phase first, else
+        specialise a ``both`` engine while another ``both`` remains (one engine of each phase):
+        for decode the one decoding most, for prefill the one decoding least."""
+        live = sorted((s for s in loads if s.alive and s.instance in self.roles), key=lambda s: (s.running, s.instance))
+        for s in live:
+            if self.roles[s.instance] == undo:
+                return RoleChange(s.instance, undo, BOTH, reason)
+        both = [s for s in live if self.roles[s.instance] == BOTH]
+        if len(both) < 2:
+            return None
+        return RoleChange((both[-1] if to == DECODE else both[0]).instance, BOTH, to, reason)
