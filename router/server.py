@@ -33,6 +33,9 @@ from router.stats import RouterStats
 from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger("pdserve.router")
+STOP_GRACE_S = 5.0
+"""After the drain, how long gRPC calls get to write their last message (a cut stream's final one)
+before the server cancels them; it returns as soon as every call has ended."""
 VERSION = "0.1.0"
 MAX_PENDING_CALLS = 10_000
 """Calls gRPC may hold before the router's handlers take them. gRPC core's default (1,000)
@@ -294,7 +297,7 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         if self._server is not None:
-            await asyncio.gather(self._server.stop(1.0), self.http.stop())
+            await asyncio.gather(self._server.stop(STOP_GRACE_S), self.http.stop())
         self.exporter.stop()
 
 
