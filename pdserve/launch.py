@@ -89,8 +89,9 @@ async def _run_router(cfg: ServeConfig, cluster: object) -> None:
     port = await server.start(cfg.host, cfg.port, cfg.metrics_port)
     metrics = f", metrics on :{server.service.metrics_port}/metrics" if cfg.metrics_port >= 0 else ""
     http = f", OpenAI HTTP API on http://{cfg.host}:{server.http_port}/v1" if server.http_port >= 0 else ""
-    print(f"pdserve serving gRPC on {cfg.host}:{port} ({len(cluster.prefill)} prefill, {len(cluster.decode)} decode"
-          f"{http}{metrics})", flush=True)
+    shape = (f"{len(cluster.prefill)} prefill, {len(cluster.decode)} decode" if cfg.mode == "disaggregated"
+             else f"{len(cluster.prefill)} {cfg.mode} engines")
+    print(f"pdserve serving gRPC on {cfg.host}:{port} ({shape}{http}{metrics})", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
