@@ -30,12 +30,14 @@ BOTH, PREFILL, DECODE = "both", "prefill", "decode"
 
 @dataclass(frozen=True)
 class RoleChange:
-    """One engine's change of role, and why (a decision label in the metrics)."""
+    """One engine's change of role, and why: ``reason`` (``ttft_short`` or ``tpot_short``, a
+    decision label in the metrics) and the short phase's ``attainment`` over the window."""
 
     instance: str
     old: str
     new: str
     reason: str
+    attainment: float
 
 
 class RoleBalancer:
@@ -66,14 +68,15 @@ class RoleBalancer:
 
     def rebalance(self, loads: Sequence[LoadSnapshot], now: float) -> RoleChange | None:
         """The change the last window calls for, applied; None when it calls for none."""
-        if len(self._window) < (self._window.maxlen or 0) or now - self._last_change < self.cooldown_s:
+        if (not self._window.maxlen or len(self._window) < self._window.maxlen
+                or now - self._last_change < self.cooldown_s):
             return None
         ttft = sum(ok for ok, _ in self._window) / len(self._window)
         tpot = sum(ok for _, ok in self._window) / len(self._window)
         if ttft < self.target <= tpot:
-            change = self._shift(loads, undo=DECODE, to=PREFILL, reason=f"ttft_short:{ttft:.2f}")
+            change = self._shift(loads, undo=DECODE, to=PREFILL, reason="ttft_short", attainment=ttft)
         elif tpot < self.target <= ttft:
-            change = self._shift(loads, undo=PREFILL, to=DECODE, reason=f"tpot_short:{tpot:.2f}")
+            change = self._shift(loads, undo=PREFILL, to=DECODE, reason="tpot_short", attainment=tpot)
         else:
             return None
         if change is not None:
@@ -82,15 +85,16 @@ class RoleBalancer:
             self._last_change = now
         return change
 
-    def _shift(self, loads: Sequence[LoadSnapshot], undo: str, to: str, reason: str) -> RoleChange | None:
+    def _shift(self, loads: Sequence[LoadSnapshot], undo: str, to: str, reason: str,
+               attainment: float) -> RoleChange | None:
         """Give the short phase an engine: undo a specialisation for the other phase first, else
         specialise a ``both`` engine while another ``both`` remains (one engine of each phase):
         for decode the one decoding most, for prefill the one decoding least."""
         live = sorted((s for s in loads if s.alive and s.instance in self.roles), key=lambda s: (s.running, s.instance))
         for s in live:
             if self.roles[s.instance] == undo:
-                return RoleChange(s.instance, undo, BOTH, reason)
+                return RoleChange(s.instance, undo, BOTH, reason, attainment)
         both = [s for s in live if self.roles[s.instance] == BOTH]
         if len(both) < 2:
             return None
-        return RoleChange((both[-1] if to == DECODE else both[0]).instance, BOTH, to, reason)
+        return RoleChange((both[-1] if to == DECODE else both[0]).instance, BOTH, to, reason, attainment)

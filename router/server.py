@@ -225,7 +225,7 @@ class RouterServer:
                                      _tokenizer(model) if settings.tokenize_in_router else None, split)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
-        if self.roles is not None and settings.routing.role_window:
+        if self.roles is not None:
             self.stats.listeners.append(self.roles)
         self.service = PdServeService(self.dispatcher, model, self.stats, settings)
         self.health = HealthReporter(self.dispatcher.pools)
@@ -279,9 +279,10 @@ class RouterServer:
         """Adaptive mode: apply the role balancer's change, if any; logged and counted as a decision."""
         change = self.roles.rebalance(self.prefill.live(), time.monotonic()) if self.roles is not None else None
         if change is not None:
-            log.info("engine %s: role %s -> %s (%s)", change.instance, change.old, change.new, change.reason)
+            log.info("engine %s: role %s -> %s (%s: attainment %.2f)", change.instance, change.old, change.new,
+                     change.reason, change.attainment)
             self.stats.record_decision(RouteDecision("roles", "balancer", change.instance,
-                                                     f"{change.old}->{change.new}:{change.reason.split(':')[0]}"))
+                                                     f"{change.old}->{change.new}:{change.reason}"))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drain: health NOT_SERVING and new requests refused at once, running ones given

@@ -25,17 +25,17 @@ def fed(balancer: RoleBalancer, ttft_ok: int, tpot_ok: int, n: int = 4) -> RoleB
 @pytest.mark.parametrize("roles,ttft_ok,tpot_ok,change", [
     ({}, 4, 4, None),                                             # both met: keep
     ({}, 1, 1, None),                                             # both short (overload): keep
-    ({}, 4, 2, ("e1", "both", "decode", "tpot_short:0.50")),      # the engine decoding most
-    ({}, 2, 4, ("e0", "both", "prefill", "ttft_short:0.50")),     # the engine decoding least
-    ({"e2": "prefill"}, 4, 2, ("e2", "prefill", "both", "tpot_short:0.50")),  # undo first
-    ({"e1": "decode"}, 2, 4, ("e1", "decode", "both", "ttft_short:0.50")),
+    ({}, 4, 2, ("e1", "both", "decode", "tpot_short", 0.5)),      # the engine decoding most
+    ({}, 2, 4, ("e0", "both", "prefill", "ttft_short", 0.5)),     # the engine decoding least
+    ({"e2": "prefill"}, 4, 2, ("e2", "prefill", "both", "tpot_short", 0.5)),  # undo first
+    ({"e1": "decode"}, 2, 4, ("e1", "decode", "both", "ttft_short", 0.5)),
     ({"e0": "decode", "e1": "decode"}, 4, 2, None),               # the last engine taking prompts stays
 ])
 def test_role_changes(roles, ttft_ok, tpot_ok, change):
     balancer = RoleBalancer(["e0", "e1", "e2"], window=4, cooldown_s=0.0)
     balancer.roles.update(roles)
     got = fed(balancer, ttft_ok, tpot_ok).rebalance(LOADS, now=100.0)
-    assert (got and (got.instance, got.old, got.new, got.reason)) == change
+    assert (got and (got.instance, got.old, got.new, got.reason, got.attainment)) == change
     if got:
         assert balancer.roles[got.instance] == got.new
 
@@ -54,3 +54,8 @@ def test_requests_without_slo_are_not_counted():
     for _ in range(4):
         balancer.on_request(RequestRecord(Outcome.FINISHED, ttft_s=9.0))
     assert balancer.rebalance(LOADS[:2], now=1.0) is None
+
+
+def test_a_zero_window_never_changes_roles():
+    balancer = RoleBalancer(["e0", "e1", "e2"], window=0, cooldown_s=0.0)
+    assert fed(balancer, 4, 0).rebalance(LOADS, now=100.0) is None
