@@ -145,9 +145,9 @@ class Dispatcher:
         request whole or prefills it for a decode on another engine (``router.split``)."""
         await self._admit(req, route, legs)
         engine = legs.prefill.name
-        others = sum(s.instance != engine and self.decode.eligible(s.instance) for s in self.decode.live())
+        others = sum(s.instance != engine and self.decode.serves(s.instance) for s in self.decode.live())
         decision = self.split.decide(legs.ticket.uncached, self.prefill.snapshot(engine), others, req.tpot_slo_ms,
-                                     self.decode.eligible(engine))
+                                     self.decode.serves(engine))
         self.prefill.record_decision("split", engine, decision.reason)
         steps = (self._disaggregated(req, route, ids, legs, admitted=True) if decision.disaggregate
                  else self._whole(req, ids, legs))

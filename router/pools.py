@@ -40,10 +40,9 @@ class WorkerPool:
     def __init__(self, role: str, workers: Sequence[Any], policy: Policy,
                  on_decision: Callable[[RouteDecision], None] = lambda decision: None,
                  admission: AdmissionQueue | None = None, progress_timeout_s: float = 0.0,
-                 eligible: Callable[[str], bool] = lambda name: True) -> None:
+                 eligible: Callable[[str], bool] | None = None) -> None:
         self.role, self.policy, self._on_decision = role, policy, on_decision
-        self.eligible = eligible
-        """Whether a worker currently serves this pool's phase (an adaptive engine's role)."""
+        self._eligible = eligible
         self.admission = admission
         """The router-side queue in front of this pool's prefills (prefill and colocated pools)."""
         self._workers = {w.name: w for w in workers}
@@ -80,6 +79,11 @@ class WorkerPool:
         """Snapshots of the live workers."""
         return [s for s in self.snapshots() if s.alive]
 
+    def serves(self, name: str) -> bool:
+        """Whether a worker currently serves this pool's phase: its role in an adaptive deployment
+        (the ``eligible`` filter), always otherwise."""
+        return self._eligible is None or self._eligible(name)
+
     def snapshot(self, name: str) -> LoadSnapshot:
         """The last snapshot of the worker named ``name``."""
         return self._loads[name]
@@ -94,7 +98,7 @@ class WorkerPool:
         candidates = self.live()
         if not candidates:
             raise NoInstanceError(f"no live {self.role} instance")
-        candidates = [s for s in candidates if self.eligible(s.instance)] or candidates
+        candidates = [s for s in candidates if self.serves(s.instance)] or candidates
         candidates = [s for s in candidates if s.instance != avoid] or candidates
         choice = self.policy.select(request, candidates)
         self.record_decision(self.policy.name, choice.instance, choice.reason)

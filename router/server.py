@@ -189,10 +189,6 @@ def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _every(name: str) -> bool:
-    """Every worker serves its pool's phase (all modes but adaptive)."""
-    return True
-
 class RouterServer:
     """The gRPC server, the load poller and the metrics endpoint; one per deployment."""
 
@@ -213,11 +209,11 @@ class RouterServer:
         self.roles = RoleBalancer([w.name for w in prefill], window=settings.routing.role_window,
                                   cooldown_s=settings.routing.role_cooldown_s) if adaptive else None
         self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog,
-                                  self.roles.takes_prompts if adaptive else _every)
+                                  self.roles.takes_prompts if adaptive else None)
         self.decode = None if colocated else WorkerPool(
             "decode", prefill if adaptive else decode, make_policy(settings.decode_policy, ctx),
             self.stats.record_decision, progress_timeout_s=watchdog,
-            eligible=self.roles.takes_decodes if adaptive else _every)
+            eligible=self.roles.takes_decodes if adaptive else None)
         split = SplitRule(self.latency, settings.routing.split_budget_s) if adaptive else None
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
@@ -272,7 +268,7 @@ class RouterServer:
             await self.health.update()
             self._change_roles()
             self.prefill.admission.rebalance({s.instance for s in self.prefill.live()
-                                              if self.prefill.eligible(s.instance)})
+                                              if self.prefill.serves(s.instance)})
             await asyncio.sleep(POLL_INTERVAL_S)
 
     def _change_roles(self) -> None:

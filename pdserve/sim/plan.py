@@ -64,10 +64,10 @@ def evaluate(placement: Placement, engines: dict[int, EngineSpec], cfg: ServingC
     """``placement``'s goodput on ``requests`` (arrivals at 1 req/s, compressed by the search)."""
     sim = ServingSim(placement, engines, cfg)
     rate, _ = capacity(sim, requests, guess=float(placement.gpus))
-    at = sim.run(requests, rate) if rate else None
-    p90 = (lambda xs: percentile(xs, 90)) if at else (lambda xs: float("nan"))
-    return PlanResult(placement, rate, rate / placement.gpus, p90(at.ttft_s if at else []),
-                      p90(at.tpot_s if at else []))
+    if not rate:
+        return PlanResult(placement, 0.0, 0.0, float("nan"), float("nan"))
+    at = sim.run(requests, rate)
+    return PlanResult(placement, rate, rate / placement.gpus, percentile(at.ttft_s, 90), percentile(at.tpot_s, 90))
 
 
 def run_plan(requests: list[TraceRequest], engines: dict[int, EngineSpec], cfg: ServingConfig, budget: int,

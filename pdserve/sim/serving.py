@@ -93,6 +93,7 @@ class ServingSim:
         self._decodes = [] if p.colocated else [
             Instance(f"decode-{k}", "decode", self.engines[p.decode_tp], cfg, requests) for k in range(p.decode)]
         self._instances = self._front + self._decodes
+        self._index = {x.name: k for k, x in enumerate(self._instances)}
         self._requests, self._events, self._seq = requests, [], 0
         self._arrival = [r.arrival_s / scale for r in requests]
         self._first, self._last = [0.0] * len(requests), [0.0] * len(requests)
@@ -114,15 +115,15 @@ class ServingSim:
         r = self._requests[i]
         choice = self._front_policy.select(RouteRequest(str(i), (), r.input_len, r.output_len),
                                            [x.snapshot() for x in self._front])
-        k = int(choice.instance.rsplit("-", 1)[1])
-        self._front[k].enqueue(i)
-        self._kick(t, k)
+        self._enqueue(t, self._index[choice.instance], i)
 
     def _kv_arrive(self, t: float, i: int) -> None:
         r = self._requests[i]
         route = RouteRequest(str(i), (), r.input_len, r.output_len, tpot_slo_ms=self.cfg.tpot_slo_s * 1e3)
         choice = self._decode_policy.select(route, [d.snapshot() for d in self._decodes])
-        k = len(self._front) + int(choice.instance.rsplit("-", 1)[1])
+        self._enqueue(t, self._index[choice.instance], i)
+
+    def _enqueue(self, t: float, k: int, i: int) -> None:
         self._instances[k].enqueue(i)
         self._kick(t, k)
 

@@ -35,13 +35,13 @@ def poisson_lengths(name: str, n: int, seed: int, input_scale: float = 1.0, max_
     at 1 req/s (DistServe's arrivals; the planner's search compresses them). No prefix sharing.
     Prompts are scaled by ``input_scale``; outputs are capped at ``max_output`` and prompt + output
     at ``max_context`` (0: no cap)."""
-    if name == "sharegpt":
-        rows = traces.sharegpt_chat(DEFAULT_PATHS["sharegpt"], DEFAULT_PATHS["azure-conv"], n, seed)
-    else:
-        rng, t, rows = random.Random(seed), 0.0, []
-        for r in load(name, None, n, n, 1.0, seed):
+    rows = load(name, None, n, n, 1.0, seed)
+    if name != "sharegpt":  # a trace's own times become Poisson arrivals (sharegpt's already are)
+        rng, t, timed = random.Random(seed), 0.0, []
+        for r in rows:
             t += rng.expovariate(1.0)
-            rows.append(traces.TraceRequest(t, r.input_len, r.output_len, ()))
+            timed.append(traces.TraceRequest(t, r.input_len, r.output_len, ()))
+        rows = timed
     out = []
     for r in rows:
         n_in = max(1, round(r.input_len * input_scale))
