@@ -168,3 +168,30 @@ def test_pool_helper_turns_do_not_move_the_policy():
     pool.mark_dead("prefill-0")
     assert {pool.helper().name for _ in range(3)} == {"prefill-1"}
     assert pool.pick(RouteRequest("r", (), 1)).name == "prefill-1"
+
+
+def test_http_connections_are_accepted_with_nagle_off():
+    """The HTTP API's listening socket is made by hand (for SO_REUSEPORT). asyncio turns Nagle off on
+    a transport only when its socket's protocol is IPPROTO_TCP; with protocol 0 every response chunk
+    after the headers waited for the client's delayed ACK, 40 ms on a keep-alive connection."""
+    import asyncio
+    import socket
+
+    from router.http_api import _shared_socket
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = _shared_socket("127.0.0.1", 0)
+        server = await asyncio.start_server(on_connect, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname())
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) == 1
