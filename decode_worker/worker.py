@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from pdserve.types import DecodeChunk, SamplingSpec
-from pdserve.worker import EngineWorker, own_errors_stream
+from pdserve.base.types import DecodeChunk, SamplingSpec
+from pdserve.engine.actor import EngineWorker, own_errors_stream
 from prefill_worker.worker import PrefillWorker
 
 

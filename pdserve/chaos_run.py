@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 
-from pdserve import config as config_mod
+from pdserve.base import config as config_mod
 from pdserve.chaos import ALL_FAULTS, WORKER_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, summary, write
 from pdserve.client import PdServeClient
-from pdserve.net import free_port
-from pdserve.procs import process_tree, signal_pids, signal_tree
+from pdserve.base.net import free_port
+from pdserve.base.procs import process_tree, signal_pids, signal_tree
 
 TAIL_S = 10.0
 """Load continues this long after the last fault ended, so recovery is seen under load."""
@@ -161,13 +161,13 @@ async def _apply(kind: str, fault: Fault, plan: ChaosPlan, target: str, serve: S
 def _corrupt_one(plan: ChaosPlan, target: str) -> str:
     """One request through the deployment's engines with a KV transfer whose bytes are flipped on
     the wire (the prefill worker's test fault): the decode must detect it and recompute."""
-    from pdserve import env
+    from pdserve.base import env
 
     env.apply(env.embedded_ray_env())  # before Ray is first imported: it reads them then
     import ray
 
     from pdserve.cluster import Cluster
-    from pdserve.types import SamplingSpec
+    from pdserve.base.types import SamplingSpec
 
     cfg = config_mod.load(plan.config, {"name": _deployment()})
     cluster = Cluster.attach(cfg)

@@ -9,8 +9,8 @@ import time
 
 import grpc
 
-from pdserve import config as config_mod
-from pdserve import env
+from pdserve.base import config as config_mod
+from pdserve.base import env
 from pdserve.cli_sim import add_sim_commands
 from pdserve.cli_tools import add_tool_commands
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pdserve import config as config_mod
+from pdserve.base import config as config_mod
 
 
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:

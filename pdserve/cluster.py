@@ -17,11 +17,12 @@ from typing import Any
 
 import ray
 
-from pdserve import env, ray_head
-from pdserve.config import ConfigError, KvTransferConfig, ServeConfig
+from pdserve import ray_head
+from pdserve.base import env
+from pdserve.base.config import ConfigError, KvTransferConfig, ServeConfig
 from pdserve.ray_head import HeadState
 from pdserve.model import resolve_model
-from pdserve.types import ModelInfo
+from pdserve.base.types import ModelInfo
 
 log = logging.getLogger("pdserve.cluster")
 SPARE_WORKER_SLOTS = 4
@@ -132,7 +133,7 @@ class Cluster:
             ray.init(address=self.head.address, namespace=self.namespace, log_to_driver=False)
         else:
             if ray._private.ray_constants.ENABLE_RAY_CLUSTER:
-                log.warning("Ray was imported before pdserve.env.embedded_ray_env() was applied: "
+                log.warning("Ray was imported before pdserve.base.env.embedded_ray_env() was applied: "
                             "the embedded Ray may bind a non-loopback interface")
             env.apply(env.embedded_ray_env())
             # Logical CPUs: one per worker plus room to add workers later (``add_worker``); the

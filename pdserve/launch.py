@@ -18,8 +18,8 @@ import tempfile
 
 import yaml
 
-from pdserve import env
-from pdserve.config import ServeConfig
+from pdserve.base import env
+from pdserve.base.config import ServeConfig
 
 
 def serve(cfg: ServeConfig, replicas: int = 1) -> int:

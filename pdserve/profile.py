@@ -14,9 +14,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pdserve import env
-from pdserve.config import EngineConfig
-from pdserve.types import SamplingSpec
+from pdserve.base import env
+from pdserve.base.config import EngineConfig
+from pdserve.base.types import SamplingSpec
 
 PREFILL_TOKENS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2000)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -27,7 +27,7 @@ REPEATS = 3
 
 async def measure(cfg: EngineConfig, model: str) -> dict:
     """Profile points of one engine built from ``cfg``."""
-    from pdserve.engine import EngineHost
+    from pdserve.engine.host import EngineHost
 
     host = EngineHost(cfg, model, "colocated")
     try:

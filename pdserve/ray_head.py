@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pdserve import env
+from pdserve.base import env
 
 START_TIMEOUT_S = 120.0
 

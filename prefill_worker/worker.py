@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from pdserve.types import DecodeChunk, PrefillResult, SamplingSpec
-from pdserve.worker import EngineWorker, own_errors, own_errors_stream
+from pdserve.base.types import DecodeChunk, PrefillResult, SamplingSpec
+from pdserve.engine.actor import EngineWorker, own_errors, own_errors_stream
 
 
 class PrefillWorker(EngineWorker):

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pdserve.config import AdmissionConfig
-from pdserve.types import OverloadedError, RouteDecision
+from pdserve.base.config import AdmissionConfig
+from pdserve.base.types import OverloadedError, RouteDecision
 from router.policies import Choice, InstanceQueue, QueuedRequest, RouteRequest
 from router.policies.base import REBALANCE_WINDOW
 

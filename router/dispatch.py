@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable
 
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
-from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
+from pdserve.base.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
 from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, final_event,
                          log_end, quiet, request_record, router_block_tokens, terminal_state, worker_stream)
 from router.policies import RouteRequest, block_hashes

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pdserve.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
+from pdserve.base.types import InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord
 from router import openai_protocol as oa
 from router.dispatch import Dispatcher
 from router.health import pools_status

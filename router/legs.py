@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import ray
 
 from kv_transfer.handle import KvHandle
-from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
+from pdserve.base.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
                            RequestState)
 from router.admission import Ticket
 from router.request import RouterRequest

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdserve.types import InvalidRequestError
+from pdserve.base.types import InvalidRequestError
 from protos import pdserve_v1_pb2 as pb
 from router.legs import FinalEvent
 

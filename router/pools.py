@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from pdserve.types import LoadSnapshot, NoInstanceError, RouteDecision
+from pdserve.base.types import LoadSnapshot, NoInstanceError, RouteDecision
 from router.admission import AdmissionQueue
 from router.policies import Choice, Policy, RouteRequest
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pdserve.types import PromptInput, RequestState, SamplingSpec
+from pdserve.base.types import PromptInput, RequestState, SamplingSpec
 
 _ALLOWED: dict[RequestState, set[RequestState]] = {
     RequestState.QUEUED: {RequestState.PREFILLING, RequestState.REJECTED},

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from pdserve.types import LoadSnapshot, RequestRecord, RouteDecision
+from pdserve.base.types import LoadSnapshot, RequestRecord, RouteDecision
 
 BOTH, PREFILL, DECODE = "both", "prefill", "decode"
 

@@ -14,8 +14,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from pdserve import env
-from pdserve.config import ConfigError, SecurityConfig
+from pdserve.base import env
+from pdserve.base.config import ConfigError, SecurityConfig
 
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/",)
 """gRPC methods served without a token (load balancers' and Kubernetes' probes)."""

@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from pdserve.metrics import PrometheusExporter
-from pdserve.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
+from router.metrics import PrometheusExporter
+from pdserve.base.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
                            RouteDecision)
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.config import AdmissionConfig, FaultConfig, RoutingConfig, SecurityConfig, ServeConfig
-from pdserve.types import ModelInfo
+from pdserve.base.config import AdmissionConfig, FaultConfig, RoutingConfig, SecurityConfig, ServeConfig
+from pdserve.base.types import ModelInfo
 from protos import pdserve_v1_pb2 as pb
 from router.latency import DEFAULT_PROFILE, LatencyModel, OnlineLatencyModel, profile_path
 from router.request import RouterRequest

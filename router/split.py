@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.latency import LatencyModel
 
 

@@ -10,14 +10,14 @@ import statistics
 from collections import defaultdict, deque
 from typing import Protocol
 
-from pdserve.types import Outcome, RequestRecord, RouteDecision
+from pdserve.base.types import Outcome, RequestRecord, RouteDecision
 
 WINDOW = 200
 """Requests per instance that the recent TTFT/TPOT medians are taken over."""
 
 
 class StatsListener(Protocol):
-    """Receives every record and decision (e.g. ``pdserve.metrics.PrometheusExporter``)."""
+    """Receives every record and decision (e.g. ``router.metrics.PrometheusExporter``)."""
 
     def on_request(self, record: RequestRecord) -> None: ...
 

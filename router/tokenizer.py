@@ -1,5 +1,5 @@
 """``PromptTokenizer``: a prompt's token ids computed in the router, identical to the engines' own
-(``pdserve.engine.EngineHost.tokenize``), so a request is routed without a round trip to a worker.
+(``pdserve.engine.host.EngineHost.tokenize``), so a request is routed without a round trip to a worker.
 
 It reads the model's files directly: ``tokenizer.json`` with the ``tokenizers`` library, and the
 chat template (``chat_template.jinja`` or ``tokenizer_config.json``) rendered the way transformers
@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pdserve.types import InvalidRequestError, PromptInput
+from pdserve.base.types import InvalidRequestError, PromptInput
 
 INLINE_BYTES = 4096
 """Text prompts up to this size are tokenized on the router's event loop; longer ones on a thread."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import uuid
 
-from pdserve.types import InvalidRequestError, PromptInput, SamplingSpec
+from pdserve.base.types import InvalidRequestError, PromptInput, SamplingSpec
 from protos import pdserve_v1_pb2 as pb
 from router.request import RouterRequest
 

@@ -10,11 +10,11 @@ from typing import Any, Callable
 
 import pytest
 
-from pdserve import env
+from pdserve.base import env
 
 env.apply(env.embedded_ray_env())  # before anything imports Ray
 
-from pdserve.config import ServeConfig  # noqa: E402
+from pdserve.base.config import ServeConfig  # noqa: E402
 
 SEED = 1234
 

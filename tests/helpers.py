@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 
-from pdserve.types import PromptInput, SamplingSpec
+from pdserve.base.types import PromptInput, SamplingSpec
 
 STORY = ("Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker "
          "who repaired every clock in the valley and knew the story of each one. ")

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from pdserve.config import AdmissionConfig
-from pdserve.types import OverloadedError
+from pdserve.base.config import AdmissionConfig
+from pdserve.base.types import OverloadedError
 from router.admission import AdmissionQueue
 from router.latency import LatencyModel, OnlineLatencyModel
 from router.policies import Choice, PolicyContext, RouteRequest, make_policy
@@ -108,7 +108,7 @@ def test_rebalance_moves_a_queued_request_and_starts_it_on_its_target():
 
 
 def _snapshots(q: AdmissionQueue):
-    from pdserve.types import LoadSnapshot
+    from pdserve.base.types import LoadSnapshot
     return [LoadSnapshot(f"p{i}", pending_prefill_tokens=q.load(f"p{i}")[0], queued_prefill_s=q.load(f"p{i}")[1])
             for i in range(4)]
 

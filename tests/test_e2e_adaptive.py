@@ -13,8 +13,8 @@ import ray
 from conftest import start_router, stop_router, wait_until
 from helpers import STORY, exactness_cases, idle, kv_bytes, reference, reset_caches, tokenize
 from pdserve.client import PdServeClient, build_request
-from pdserve.config import RoutingConfig
-from pdserve.types import PromptInput, SamplingSpec
+from pdserve.base.config import RoutingConfig
+from pdserve.base.types import PromptInput, SamplingSpec
 
 
 @pytest.fixture(scope="module")

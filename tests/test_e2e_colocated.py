@@ -8,7 +8,7 @@ import pytest
 from conftest import start_router, stop_router, wait_until
 from helpers import exactness_cases, idle, reference, reset_caches, tokenize
 from pdserve.client import PdServeClient, build_request
-from pdserve.types import SamplingSpec
+from pdserve.base.types import SamplingSpec
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import ray
 from conftest import start_router, stop_router, wait_until
 from helpers import STORY, idle, reference, reset_caches, tokenize
 from pdserve.client import PdServeClient, build_request
-from pdserve.types import PromptInput, SamplingSpec
+from pdserve.base.types import PromptInput, SamplingSpec
 
 MAX_TOKENS = 48
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from conftest import start_router, stop_router, wait_until
-from pdserve.config import load
+from pdserve.base.config import load
 from router.health import API_SERVICE, ROUTER_SERVICE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -77,7 +77,7 @@ def test_a_queued_request_is_moved_by_live_rebalancing(two_prefill):
     """Eight requests of one conversation (about 1,000 tokens each) queue behind one engine (one
     prompt at a time), far past the 1.5 s TTFT SLO: the poller's rebalancing moves the last-queued
     to the other candidate, and the final message says so."""
-    from pdserve.config import AdmissionConfig
+    from pdserve.base.config import AdmissionConfig
 
     router, client = _router(two_prefill, prefill_policy="dualmap", slo_ttft_ms=1500,
                              prefill_params={"slo_aware": False, "adaptive_key": False},
@@ -115,7 +115,7 @@ def test_early_rejection_when_the_slo_cannot_be_met(two_prefill):
 def test_priority_orders_the_router_queue(two_prefill):
     """One engine at a time takes prompts of one prefix (consistent_hash): queued behind a long
     prompt, four requests start in priority order (lower first), not in arrival order."""
-    from pdserve.config import AdmissionConfig
+    from pdserve.base.config import AdmissionConfig
 
     router, client = _router(two_prefill, prefill_policy="consistent_hash",
                              admission=AdmissionConfig(max_engine_prompts=1))
@@ -139,7 +139,7 @@ def test_priority_orders_the_router_queue(two_prefill):
 
 
 def test_resource_exhausted_at_the_queue_bound_and_nothing_lost(two_prefill):
-    from pdserve.config import AdmissionConfig
+    from pdserve.base.config import AdmissionConfig
 
     router, client = _router(two_prefill, admission=AdmissionConfig(max_engine_prompts=1, max_queued_requests=2))
     try:

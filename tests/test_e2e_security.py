@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import start_router, stop_router
 from pdserve.client import ClientAuth, PdServeClient, build_request
-from pdserve.config import SecurityConfig
+from pdserve.base.config import SecurityConfig
 
 TOKEN = "tok-3f9a2c"
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

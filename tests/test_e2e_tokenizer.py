@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from helpers import STORY, tokenize
-from pdserve.types import InvalidRequestError, PromptInput
+from pdserve.base.types import InvalidRequestError, PromptInput
 from router.tokenizer import PromptTokenizer
 
 SAME_IDS = [

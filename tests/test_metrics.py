@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pdserve.config import load
-from pdserve.metrics import PrometheusExporter
-from pdserve.types import LoadSnapshot, Outcome, RequestRecord, RouteDecision
+from pdserve.base.config import load
+from router.metrics import PrometheusExporter
+from pdserve.base.types import LoadSnapshot, Outcome, RequestRecord, RouteDecision
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pdserve import config as config_mod
+from pdserve.base import config as config_mod
 from pdserve.sim import check, plan
 from pdserve.sim.serving import EngineSpec, Placement, ServingConfig, ServingSim
 from pdserve.sim.traces import TraceRequest

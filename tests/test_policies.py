@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.latency import LatencyModel
 from router.policies import (POLICIES, InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, block_hashes,
                              make_policy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.types import LoadSnapshot, Outcome, RequestRecord
+from pdserve.base.types import LoadSnapshot, Outcome, RequestRecord
 from router.roles import RoleBalancer
 
 LOADS = [LoadSnapshot("e0", running=1), LoadSnapshot("e1", running=5), LoadSnapshot("e2", running=3)]

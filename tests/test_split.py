@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.latency import LatencyModel
 from router.split import SplitRule
 

@@ -18,7 +18,7 @@ from kv_transfer.handle import KvHandle
 from kv_transfer.layout import KvLayout, KvLayoutError
 from kv_transfer.leases import HeldKv, PullGate
 from kv_transfer.transports import KvTransferError, PullJob, ServeContext
-from pdserve.config import KV_TRANSPORTS
+from pdserve.base.config import KV_TRANSPORTS
 
 NUM_BLOCKS, LAYERS = 12, 3
 SECRET = "s3cret-of-this-transfer"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pdserve.client import build_request
-from pdserve.config import ConfigError, ServeConfig, load
-from pdserve.types import InvalidRequestError, LoadSnapshot, RequestState, SamplingSpec
+from pdserve.base.config import ConfigError, ServeConfig, load
+from pdserve.base.types import InvalidRequestError, LoadSnapshot, RequestState, SamplingSpec
 from router.policies import Choice, RouteRequest, make_policy
 from router.request import IllegalTransition, RouterRequest
 from router.validate import parse_request
@@ -59,7 +59,7 @@ def test_bearer_token_check(token, header, ok):
 
 
 def test_unreadable_security_file_is_a_config_error(tmp_path):
-    from pdserve.config import SecurityConfig
+    from pdserve.base.config import SecurityConfig
     from router.security import Guard
 
     with pytest.raises(ConfigError, match="cannot read"):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router import pools
 from router.legs import WorkerFailedError, await_worker
 from router.policies import make_policy

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdserve.net import free_port
+from pdserve.base.net import free_port
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
 PROMPTS = (1024, 4096, 8192)

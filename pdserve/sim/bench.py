@@ -14,7 +14,7 @@ import numpy as np
 from pdserve.sim import workloads
 from pdserve.sim.cluster import ClusterSim, SimConfig
 from pdserve.sim.study import percentile
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.latency import LatencyModel
 from router.policies import PREFILL_POLICIES, PolicyContext, RouteRequest, block_hashes, make_policy
 from router.policies.base import ROUTER_BLOCK_TOKENS

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pdserve.sim.traces import TraceRequest
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, LatencyModel
 
 

@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import xxhash
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 
 ROUTER_BLOCK_TOKENS = 512
 """Tokens per router block hash by default: independent of the engine's KV block size, long enough

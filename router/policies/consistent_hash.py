@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest
 from router.policies.hashring import HashRing, stable_hash
 

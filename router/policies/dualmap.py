@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Sequence
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.policies.base import Choice, InstanceQueue, Move, PolicyContext, RouteRequest, cached_tokens
 from router.policies.hashring import HashRing, stable_hash
 from router.policies.hotness import HotnessTree

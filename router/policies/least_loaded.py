@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest, load_key
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 from router.policies.base import Choice, PolicyContext, RouteRequest
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pdserve.types import Outcome, RequestRecord, RouteDecision
+from pdserve.base.types import Outcome, RequestRecord, RouteDecision
 
 # Buckets wide enough for a 2-core CPU (seconds per request) and a GPU (milliseconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.types import LoadSnapshot
+from pdserve.base.types import LoadSnapshot
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import Any, AsyncIterator, Awaitable
 
 import ray
 
-from pdserve.config import EngineConfig, KvTransferConfig
-from pdserve.net import free_port
-from pdserve.procs import signal_tree
-from pdserve.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
+from pdserve.base.config import EngineConfig, KvTransferConfig
+from pdserve.base.net import free_port
+from pdserve.base.procs import signal_tree
+from pdserve.base.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
 
 
 class EngineWorker:
@@ -24,7 +24,7 @@ class EngineWorker:
     role = ""
 
     def __init__(self, name: str, engine: EngineConfig, model: str, kv: KvTransferConfig) -> None:
-        from pdserve.engine import EngineHost
+        from pdserve.engine.host import EngineHost
 
         kv_host = ray.util.get_node_ip_address()
         connector: dict[str, Any] = {"host": kv_host, "port": free_port(kv_host), "data_port": free_port(kv_host),

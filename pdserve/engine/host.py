@@ -18,9 +18,9 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from kv_transfer.handle import DO_REMOTE_DECODE, FAULT, LoadReport
-from pdserve.config import EngineConfig
-from pdserve.stats import EngineStatsLogger
-from pdserve.types import (DecodeChunk, InvalidRequestError, LoadSnapshot, ModelInfo, PrefillResult,
+from pdserve.base.config import EngineConfig
+from pdserve.engine.stats import EngineStatsLogger
+from pdserve.base.types import (DecodeChunk, InvalidRequestError, LoadSnapshot, ModelInfo, PrefillResult,
                            PromptInput, SamplingSpec)
 
 ROLES = ("prefill", "decode", "colocated", "flex")

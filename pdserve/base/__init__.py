@@ -1,0 +1,1 @@
+"""The base layer: types, config, environment variables, small OS helpers. Imports nothing of ours."""
