@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 import grpc
 
 from kv_transfer.control import CHANNEL_OPTIONS
-from kv_transfer.leases import Hold, HeldKv, PullGate, PullRefused
+from kv_transfer.leases import Hold, PullGate, PullRefused
 from protos import kv_transfer_v1_pb2 as pb
 from protos import kv_transfer_v1_pb2_grpc as pb_grpc
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import random
 import re
-import signal
 import subprocess
 import sys
 import time

@@ -26,11 +26,13 @@ from typing import Any, AsyncIterator, Callable
 
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
-from pdserve.base.types import InvalidRequestError, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
+from pdserve.base.types import ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
 from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, final_event,
-                         log_end, quiet, request_record, router_block_tokens, terminal_state, worker_stream)
-from router.policies import RouteRequest, block_hashes
+                         log_end, quiet, request_record, retry_or_raise, router_block_tokens, terminal_state,
+                         worker_stream)
+from router.policies import RouteRequest
 from router.pools import WorkerPool
+from router.prepare import RequestPreparer
 from router.request import RouterRequest
 from router.split import SplitRule
 from router.tokenizer import PromptTokenizer
@@ -51,13 +53,10 @@ class Dispatcher:
                  retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0,
                  tokenizer: PromptTokenizer | None = None, split: SplitRule | None = None) -> None:
         self.prefill, self.decode, self.split = prefill, decode, split
-        self.max_model_len = model.max_model_len
-        self.router_block = router_block_tokens(model, router_block)
-        self.default_max_tokens = default_max_tokens
+        self.preparer = RequestPreparer(prefill, model, default_max_tokens, router_block, tokenizer, retries,
+                                        retry_wait_s)
         self.retries, self.retry_wait_s = retries, retry_wait_s
         self.kv_renew_s = kv_lease_s / 3
-        self.tokenizer = tokenizer
-        """The router's own tokenizer (``router.tokenizer``); None: prefill workers tokenize."""
         self._record = record
         self.in_flight = 0
         """Requests admitted and not yet ended (the admission bound counts them)."""
@@ -126,7 +125,7 @@ class Dispatcher:
         return cut
 
     async def _run(self, req: RouterRequest, legs: Legs) -> AsyncIterator[TokenEvent | FinalEvent]:
-        route, ids = await self._prepare(req)
+        route, ids = await self.preparer.prepare(req)
         async for event in self._steps(req, route, ids, legs):
             yield event
         req.to(RequestState.FINISHED)
@@ -217,7 +216,7 @@ class Dispatcher:
                 self.prefill.admission.finish(legs.ticket)
                 self._abandon(legs.prefill, legs.prefill_id)
                 legs.prefill_ref = legs.ticket = None
-                await self._before_retry(self.prefill, legs.prefill_retries, err)
+                await retry_or_raise(self.prefill, legs.prefill_retries, self.retries, self.retry_wait_s, err)
                 legs.prefill_retries += 1
                 continue
             self.prefill.admission.finish(legs.ticket, result.prefill_ms / 1e3, result.num_cached_tokens)
@@ -231,16 +230,6 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(quiet(abort))
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
-
-    async def _before_retry(self, pool: WorkerPool, done: int, err: WorkerFailedError) -> None:
-        """Re-raise ``err`` when the retries are spent; else wait (bounded) for a live instance."""
-        if done >= self.retries:
-            raise err
-        log.warning("%s; retrying on the %s pool (%d of %d)", err, pool.role, done + 1, self.retries)
-        try:
-            await pool.wait_live(self.retry_wait_s)
-        except NoInstanceError:
-            raise NoInstanceError(f"no live {pool.role} instance within {self.retry_wait_s:g} s of a failure") from None
 
     async def _decode(self, req: RouterRequest, route: RouteRequest, ids: list[int], result: PrefillResult,
                       legs: Legs) -> AsyncIterator:
@@ -267,7 +256,7 @@ class Dispatcher:
                 return
             except WorkerFailedError as err:
                 self._abandon(legs.decode, legs.decode_id)
-                await self._before_retry(self.decode, legs.decode_migrations, err)
+                await retry_or_raise(self.decode, legs.decode_migrations, self.retries, self.retry_wait_s, err)
             finally:
                 if renewal is not None:
                     renewal.cancel()
@@ -285,43 +274,6 @@ class Dispatcher:
             handle = legs.handle
             if handle is None or not await asyncio.to_thread(control.renew, handle):
                 return
-
-    async def _prepare(self, req: RouterRequest) -> tuple[RouteRequest, list[int]]:
-        """Tokenize on a live prefill worker and check the lengths against the context."""
-        try:
-            ids = await self._tokenize(req)
-        except InvalidRequestError:
-            req.to(RequestState.REJECTED)
-            raise
-        room = self.max_model_len - len(ids)
-        max_tokens = req.sampling.max_tokens or min(self.default_max_tokens, room)
-        if max_tokens > room:
-            req.to(RequestState.REJECTED)
-            raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                      f"context ({self.max_model_len})")
-        req.sampling = replace(req.sampling, max_tokens=max_tokens)
-        hashes = block_hashes(ids, self.router_block) if self.prefill.policy.uses_prefix else ()
-        route = RouteRequest(req.request_id, hashes, len(ids), max_tokens, req.ttft_slo_ms, req.tpot_slo_ms,
-                             req.priority)
-        return route, ids
-
-    async def _tokenize(self, req: RouterRequest) -> list[int]:
-        """The prompt's token ids: from the router's own tokenizer when it has one (on a thread
-        for a long prompt), else from a live prefill worker, asked again (another one, or the
-        restarted one) after a worker failure, up to ``retries`` times."""
-        if self.tokenizer is not None:
-            if self.tokenizer.inline(req.prompt):
-                return self.tokenizer.tokenize(req.prompt)
-            return await asyncio.to_thread(self.tokenizer.tokenize, req.prompt)
-        done = 0
-        await self.prefill.wait_live(self.retry_wait_s)
-        while True:
-            worker = self.prefill.helper()
-            try:
-                return await await_worker(self.prefill, worker, worker.actor.tokenize.remote(req.prompt))
-            except WorkerFailedError as err:
-                await self._before_retry(self.prefill, done, err)
-                done += 1
 
     async def _cleanup(self, req: RouterRequest, legs: Legs) -> None:
         """Abort what still runs and release KV nobody took over (bounded)."""

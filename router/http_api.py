@@ -17,7 +17,6 @@ import json
 import logging
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 

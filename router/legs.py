@@ -141,6 +141,18 @@ async def _unless_lost(lost: asyncio.Future, name: str, call: Any) -> Any:
     raise WorkerFailedError(f"{name} {lost.result()}")
 
 
+async def retry_or_raise(pool: Any, done: int, retries: int, wait_s: float, err: WorkerFailedError) -> None:
+    """After a worker failure of one leg: re-raise ``err`` when ``done`` retries spend ``retries``;
+    else wait (at most ``wait_s``) for a live instance in ``pool`` to retry on."""
+    if done >= retries:
+        raise err
+    _log.warning("%s; retrying on the %s pool (%d of %d)", err, pool.role, done + 1, retries)
+    try:
+        await pool.wait_live(wait_s)
+    except NoInstanceError:
+        raise NoInstanceError(f"no live {pool.role} instance within {wait_s:g} s of a failure") from None
+
+
 def attempt_id(request_id: str) -> str:
     """An engine-side id for one attempt at ``request_id``: unique even when clients reuse ids, so
     an engine's memory of aborted ids (``EngineHost.abort``) never ends a later attempt."""

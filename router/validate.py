@@ -1,6 +1,6 @@
 """Turn a ``GenerateRequest`` proto into a ``RouterRequest``, or raise InvalidRequestError with a
 one-line message. Only checks that need no tokenizer; prompt lengths are checked after
-tokenization (``Dispatcher._prepare``)."""
+tokenization (``router.prepare``)."""
 from __future__ import annotations
 
 import math
