@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 
 from pdserve.base import config as config_mod
-from pdserve.chaos import ALL_FAULTS, WORKER_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, summary, write
-from pdserve.client import PdServeClient
 from pdserve.base.net import free_port
 from pdserve.base.procs import process_tree, signal_pids, signal_tree
+from pdserve.chaos import ALL_FAULTS, WORKER_FAULTS, Fault, LoadClient, Run, ServeProcess, prompts, summary, write
+from pdserve.client import PdServeClient
 
 TAIL_S = 10.0
 """Load continues this long after the last fault ended, so recovery is seen under load."""

@@ -20,9 +20,9 @@ import ray
 from pdserve import ray_head
 from pdserve.base import env
 from pdserve.base.config import ConfigError, KvTransferConfig, ServeConfig
-from pdserve.ray_head import HeadState
-from pdserve.model import resolve_model
 from pdserve.base.types import ModelInfo
+from pdserve.model import resolve_model
+from pdserve.ray_head import HeadState
 
 log = logging.getLogger("pdserve.cluster")
 SPARE_WORKER_SLOTS = 4

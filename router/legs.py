@@ -14,7 +14,7 @@ import ray
 
 from kv_transfer.handle import KvHandle
 from pdserve.base.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
-                           RequestState)
+                                RequestState)
 from router.admission import Ticket
 from router.request import RouterRequest
 

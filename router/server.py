@@ -13,22 +13,22 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from router.metrics import PrometheusExporter
 from pdserve.base.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
-                           RouteDecision)
+                                RouteDecision)
 from protos import pdserve_v1_pb2 as pb
 from protos import pdserve_v1_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
 from router.dispatch import Dispatcher
-from router.legs import FinalEvent, TokenEvent, router_block_tokens
 from router.health import API_SERVICE, HealthReporter, pools_status
 from router.http_api import HttpFrontEnd
+from router.legs import FinalEvent, TokenEvent, router_block_tokens
+from router.metrics import PrometheusExporter
 from router.policies import PolicyContext, make_policy
+from router.pools import WorkerPool
+from router.roles import RoleBalancer
 from router.security import BearerAuth, Guard
 from router.settings import ServiceSettings, latency_model
-from router.roles import RoleBalancer
 from router.split import SplitRule
-from router.pools import WorkerPool
 from router.stats import RouterStats
 from router.tokenizer import PromptTokenizer
 

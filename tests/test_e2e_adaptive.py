@@ -12,9 +12,9 @@ import ray
 
 from conftest import start_router, stop_router, wait_until
 from helpers import STORY, exactness_cases, idle, kv_bytes, reference, reset_caches, tokenize
-from pdserve.client import PdServeClient, build_request
 from pdserve.base.config import RoutingConfig
 from pdserve.base.types import PromptInput, SamplingSpec
+from pdserve.client import PdServeClient, build_request
 
 
 @pytest.fixture(scope="module")

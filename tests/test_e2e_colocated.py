@@ -7,8 +7,8 @@ import pytest
 
 from conftest import start_router, stop_router, wait_until
 from helpers import exactness_cases, idle, reference, reset_caches, tokenize
-from pdserve.client import PdServeClient, build_request
 from pdserve.base.types import SamplingSpec
+from pdserve.client import PdServeClient, build_request
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import ray
 
 from conftest import start_router, stop_router, wait_until
 from helpers import idle, loads, tokenize
-from pdserve.client import PdServeClient, build_request
 from pdserve.base.types import PromptInput, SamplingSpec
+from pdserve.client import PdServeClient, build_request
 from protos import pdserve_v1_pb2 as pb
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 150  # about 1,500 tokens

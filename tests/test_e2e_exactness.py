@@ -10,8 +10,8 @@ import ray
 
 from helpers import STORY, exactness_cases, external_tokens, idle, kv_bytes, reference, reset_caches, tokenize
 from conftest import SEED, wait_until
-from pdserve.client import build_request
 from pdserve.base.types import PromptInput, SamplingSpec
+from pdserve.client import build_request
 
 def test_greedy_output_matches_single_engine(cluster, client):
     """Six prompts: tokens and text identical; every prompt token loaded from the prefill side."""

@@ -20,8 +20,8 @@ import ray
 
 from conftest import start_router, stop_router, wait_until
 from helpers import STORY, idle, reference, reset_caches, tokenize
-from pdserve.client import PdServeClient, build_request
 from pdserve.base.types import PromptInput, SamplingSpec
+from pdserve.client import PdServeClient, build_request
 
 MAX_TOKENS = 48
 

@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import start_router, stop_router
-from pdserve.client import ClientAuth, PdServeClient, build_request
 from pdserve.base.config import SecurityConfig
+from pdserve.client import ClientAuth, PdServeClient, build_request
 
 TOKEN = "tok-3f9a2c"
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

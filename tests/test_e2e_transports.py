@@ -14,10 +14,10 @@ import ray
 
 from conftest import start_router, stop_router, wait_until
 from helpers import STORY, exactness_cases, external_tokens, idle, kv_bytes, reference, reset_caches, tokenize
-from pdserve.client import PdServeClient, build_request
-from pdserve.cluster import WorkerRef
 from pdserve.base.config import KvTransferConfig
 from pdserve.base.types import PromptInput, SamplingSpec
+from pdserve.client import PdServeClient, build_request
+from pdserve.cluster import WorkerRef
 
 OTHER_TRANSPORTS = ("grpc", "gloo")
 SHORT_LEASE_S = 1.5

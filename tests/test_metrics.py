@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pdserve.base.config import load
-from router.metrics import PrometheusExporter
 from pdserve.base.types import LoadSnapshot, Outcome, RequestRecord, RouteDecision
+from router.metrics import PrometheusExporter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

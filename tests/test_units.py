@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.client import build_request
 from pdserve.base.config import ConfigError, ServeConfig, load
 from pdserve.base.types import InvalidRequestError, LoadSnapshot, RequestState, SamplingSpec
+from pdserve.client import build_request
 from router.policies import Choice, RouteRequest, make_policy
 from router.request import IllegalTransition, RouterRequest
 from router.validate import parse_request

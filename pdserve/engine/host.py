@@ -19,9 +19,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from kv_transfer.handle import DO_REMOTE_DECODE, FAULT, LoadReport
 from pdserve.base.config import EngineConfig
-from pdserve.engine.stats import EngineStatsLogger
 from pdserve.base.types import (DecodeChunk, InvalidRequestError, LoadSnapshot, ModelInfo, PrefillResult,
-                           PromptInput, SamplingSpec)
+                                PromptInput, SamplingSpec)
+from pdserve.engine.stats import EngineStatsLogger
 
 ROLES = ("prefill", "decode", "colocated", "flex")
 MAX_ABORTED_IDS = 10_000

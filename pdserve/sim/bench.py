@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve.base.types import LoadSnapshot
 from pdserve.sim import workloads
 from pdserve.sim.cluster import ClusterSim, SimConfig
 from pdserve.sim.study import percentile
-from pdserve.base.types import LoadSnapshot
 from router.latency import LatencyModel
 from router.policies import PREFILL_POLICIES, PolicyContext, RouteRequest, block_hashes, make_policy
 from router.policies.base import ROUTER_BLOCK_TOKENS

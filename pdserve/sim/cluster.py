@@ -17,8 +17,8 @@ import itertools
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
-from pdserve.sim.traces import TraceRequest
 from pdserve.base.types import LoadSnapshot
+from pdserve.sim.traces import TraceRequest
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, DEFAULT_KV_TOKENS, LatencyModel
 from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
 from router.policies.base import REBALANCE_WINDOW

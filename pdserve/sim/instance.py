@@ -7,8 +7,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from pdserve.sim.traces import TraceRequest
 from pdserve.base.types import LoadSnapshot
+from pdserve.sim.traces import TraceRequest
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, LatencyModel
 
 
