@@ -109,7 +109,8 @@ def test_dualmap_candidates_are_two_distinct_instances_from_two_rings():
 @pytest.mark.parametrize("slo_aware,expected_reason", [(True, "slo_switch"), (False, "affinity")])
 def test_dualmap_slo_switch(slo_aware, expected_reason):
     """The affine candidate is loaded past the TTFT SLO: the SLO-aware policy takes the other."""
-    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), slo_aware=slo_aware)
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), slo_aware=slo_aware,
+                           slo_fallback=0)
     first = req("turn1", (0, 77, 78, 79), tokens=130)
     a, b = policy.candidates(first, NAMES)
     assert policy.select(first, snaps()).instance in (a, b)
@@ -121,6 +122,21 @@ def test_dualmap_slo_switch(slo_aware, expected_reason):
     assert choice.instance == (other if slo_aware else affine)
     # predicted TTFT: queued tokens x 1 ms + own uncached prefill (other: 170 new; affine: 42 new)
     assert choice.predicted_ttft_s == pytest.approx(0.1 + 0.170 if slo_aware else 2.0 + 0.042)
+
+
+@pytest.mark.parametrize("slo_fallback,outside_pair,reason", [(8, True, "slo_fallback"), (0, False, "load")])
+def test_dualmap_falls_back_past_both_candidates_only_when_both_miss_the_slo(slo_fallback, outside_pair, reason):
+    """Both hash candidates are queued past the SLO and every other instance is idle: with the
+    fallback the request goes to a sampled idle instance; the paper's DualMap stays on the pair."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), slo_fallback=slo_fallback)
+    r = req("r", (0, 5, 6), tokens=100, ttft_slo_ms=500)
+    pair = policy.candidates(r, NAMES)
+    choice = policy.select(r, snaps({pair[0]: 3000, pair[1]: 2000}))
+    assert (choice.instance not in pair, choice.reason) == (outside_pair, reason)
+    assert choice.predicted_ttft_s == pytest.approx(0.1 if outside_pair else 2.0 + 0.1)
+    fresh = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), slo_fallback=slo_fallback)
+    within = fresh.select(req("r", (0, 5, 6), tokens=100, ttft_slo_ms=5000), snaps({pair[0]: 3000, pair[1]: 2000}))
+    assert (within.instance, within.reason) == (pair[1], "load")  # 2.1 s meets a 5 s SLO: no fallback
 
 
 def test_dualmap_keeps_a_conversation_on_its_instance_under_equal_load():

@@ -55,7 +55,7 @@ def test_dualmap_rebalances_in_the_simulator():
     burst = [traces.TraceRequest(0.001 * i, 4000, 10, (42,)) for i in range(60)]  # one hot key, all at once: the
     # queue violates the 30 s SLO at once (each prefill ~5 s)
     sim = ClusterSim(SimConfig(prefill=8, decode=2, ttft_slo_s=30.0), LatencyModel.load(), "dualmap",
-                     policy_params={"slo_aware": False})  # every arrival goes to the affine instance
+                     policy_params={"slo_aware": False, "slo_fallback": 0})  # every arrival: the affine instance
     result = sim.run(burst)
     assert result.decisions["rebalance"] > 0
     assert sum(b > 0 for b in result.busy_s) == 2    # moves stay within the key's two candidates

@@ -16,11 +16,17 @@
    TTFT SLO moves queued, not-started requests to their other candidate when the predicted TTFT gain
    is positive and the target still meets the SLO; largest gain first, one round, until the source
    meets the SLO. With ``follow_moves`` the cache view follows each move.
-6. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
+6. **SLO fallback** (``slo_fallback``, not in the paper): when the choice above is still predicted
+   to miss the TTFT SLO (both candidates are loaded past it), ``slo_fallback`` more instances
+   (a window of the others, in name order, from a random start) are priced the same way and the lowest predicted TTFT among all is taken
+   (``slo_fallback`` reason). The work per decision stays constant (at most 2 + ``slo_fallback``
+   instances); the paper's DualMap is ``slo_fallback=0``. Why it exists: docs/routing.md.
+7. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
    the keys of its ring segments.
 """
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -43,7 +49,7 @@ class DualMapPolicy:
     def __init__(self, ctx: PolicyContext = PolicyContext(), vnodes: int = 64, max_key_blocks: int = 16,
                  window: int = 2000, min_hot_count: int = 8, adaptive_key: bool = True, slo_aware: bool = True,
                  queue_estimate: bool = True, rebalance_on: bool = True, follow_moves: bool = True,
-                 expand_share_n: float = 2.0, contract_share_n: float = 1.0) -> None:
+                 expand_share_n: float = 2.0, contract_share_n: float = 1.0, slo_fallback: int = 8) -> None:
         self.ctx, self.slo_aware, self.queue_estimate = ctx, slo_aware, queue_estimate
         self.expand_share_n, self.contract_share_n = expand_share_n, contract_share_n
         self.adaptive_key, self.rebalance_on, self.follow_moves = adaptive_key, rebalance_on, follow_moves
@@ -51,6 +57,7 @@ class DualMapPolicy:
         self.indexes = PrefixIndexes(ctx.cache_blocks)
         self.hotness = HotnessTree(window, max_key_blocks, min_hot_count)
         self._placed: OrderedDict[str, tuple[tuple[str, str], str, int]] = OrderedDict()
+        self.slo_fallback, self._rng = slo_fallback, random.Random(ctx.seed)
 
     # ---- the two candidates ------------------------------------------------------------------
     def key(self, request: RouteRequest) -> int:
@@ -73,6 +80,8 @@ class DualMapPolicy:
         by_name = {c.instance: c for c in candidates}
         pair = self.candidates(request, sorted(by_name))
         choice = self._choose(request, by_name[pair[0]], by_name[pair[1]])
+        if self.slo_fallback and self.ctx.latency and choice.predicted_ttft_s > self._slo_s(request) > 0:
+            choice = self._fall_back(request, choice, by_name, pair)
         self._remember(request, pair, choice.instance, len(by_name))
         return choice
 
@@ -89,17 +98,34 @@ class DualMapPolicy:
             return Choice(oth.instance, "slo_switch", t_oth, self._cached(request, h_oth))
         return Choice(aff.instance, "affinity", t_aff, self._cached(request, h_aff))
 
+    def _fall_back(self, request: RouteRequest, choice: Choice, by_name: dict[str, LoadSnapshot],
+                   pair: tuple[str, str]) -> Choice:
+        """``choice``, or the sampled instance with a lower predicted TTFT (item 6)."""
+        others = [n for n in sorted(by_name) if n not in pair]
+        start, best = self._rng.randrange(len(others)) if others else 0, choice
+        for name in (others + others)[start:start + min(self.slo_fallback, len(others))]:
+            if self.wait_s(request, by_name[name]) >= best.predicted_ttft_s:
+                continue  # its queue alone is longer: no cached prefix can make it better
+            hit = self.indexes[name].match(request.block_hashes)
+            t = self.predicted_ttft_s(request, by_name[name], hit)
+            if t < best.predicted_ttft_s:
+                best = Choice(name, "slo_fallback", t, self._cached(request, hit))
+        return best
+
     def predicted_ttft_s(self, request: RouteRequest, c: LoadSnapshot, hit_blocks: int) -> float:
         """Queue wait on ``c`` plus this request's own uncached prefill after its cached prefix
         (token counts if no latency model)."""
-        model, own = self.ctx.latency, self._own_s(request, hit_blocks)
+        return self.wait_s(request, c) + self._own_s(request, hit_blocks)
+
+    def wait_s(self, request: RouteRequest, c: LoadSnapshot) -> float:
+        """The queue wait part of ``predicted_ttft_s`` (queued tokens if no latency model)."""
+        model = self.ctx.latency
         if model is None:
-            return c.pending_prefill_tokens + own
+            return float(c.pending_prefill_tokens)
         if self.queue_estimate:
-            wait = c.queued_prefill_s
-        else:  # the old estimate: queued tokens at this request's own per-token cost
-            wait = c.pending_prefill_tokens * model.prefill_s(request.num_tokens) / max(request.num_tokens, 1)
-        return wait + own
+            return c.queued_prefill_s
+        # the old estimate: queued tokens at this request's own per-token cost
+        return c.pending_prefill_tokens * model.prefill_s(request.num_tokens) / max(request.num_tokens, 1)
 
     def prefill_s(self, request: RouteRequest, instance: str) -> float:
         """Predicted prefill seconds of ``request`` on ``instance`` alone (its cached prefix there)."""
