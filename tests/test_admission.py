@@ -90,7 +90,7 @@ def test_rebalance_moves_a_queued_request_and_starts_it_on_its_target():
     fit. The first moved starts at once on the idle target."""
     async def scenario():
         policy = make_policy("dualmap", PolicyContext(block_size=32, latency=LINEAR), adaptive_key=False,
-                             slo_aware=False)
+                             slo_aware=False, slo_fallback=0)
         q = queue(policy, max_engine_prompts=1)
         tickets = []
         for i in range(6):
