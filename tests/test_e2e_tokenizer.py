@@ -66,7 +66,8 @@ def test_both_tokenizing_paths_serve_the_same_request(cluster, router, prompt):
 
     on_workers = start_router(cluster.prefill, cluster.decode, cluster.model_info, metrics=False,
                               tokenize_in_router=False)
-    assert router.server.dispatcher.tokenizer is not None and on_workers.server.dispatcher.tokenizer is None
+    assert router.server.dispatcher.preparer.tokenizer is not None
+    assert on_workers.server.dispatcher.preparer.tokenizer is None
     answers = []
     try:
         for target in (router.target, on_workers.target):
