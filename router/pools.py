@@ -32,6 +32,8 @@ STALL_S = 6.0
 """A worker that does not answer its load polls for this long is taken out of routing."""
 TERMINATE_TIMEOUT_S = 10.0
 """How long a stalled worker gets to end itself before Ray kills it (and restarts it)."""
+POLL_TIMEOUT_S = 2.0
+"""How long one poll of the workers' load may take (``refresh``'s default)."""
 
 
 class WorkerPool:
@@ -153,7 +155,7 @@ class WorkerPool:
         if future is not None and not future.done():
             future.set_result(why)
 
-    async def refresh(self, timeout_s: float) -> None:
+    async def refresh(self, timeout_s: float = POLL_TIMEOUT_S) -> None:
         """Poll every worker's load once, bounded by ``timeout_s``; run the progress watchdog;
         log and count recoveries."""
         names = list(self._workers)
