@@ -17,10 +17,11 @@
    is positive and the target still meets the SLO; largest gain first, one round, until the source
    meets the SLO. With ``follow_moves`` the cache view follows each move.
 6. **SLO fallback** (``slo_fallback``, not in the paper): when the choice above is still predicted
-   to miss the TTFT SLO (both candidates are loaded past it), ``slo_fallback`` more instances
-   (a window of the others, in name order, from a random start) are priced the same way and the lowest predicted TTFT among all is taken
-   (``slo_fallback`` reason). The work per decision stays constant (at most 2 + ``slo_fallback``
-   instances); the paper's DualMap is ``slo_fallback=0``. Why it exists: docs/routing.md.
+   to miss the TTFT SLO (both candidates are loaded past it), ``slo_fallback`` more instances (a
+   window of the others, in name order, from a random start) are priced the same way, and the
+   lowest predicted TTFT among all is taken (``slo_fallback`` reason). The work per decision stays
+   constant (at most 2 + ``slo_fallback`` instances); the paper's DualMap is ``slo_fallback=0``.
+   Why it exists: docs/routing.md.
 7. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
    the keys of its ring segments.
 """
@@ -100,7 +101,8 @@ class DualMapPolicy:
 
     def _fall_back(self, request: RouteRequest, choice: Choice, by_name: dict[str, LoadSnapshot],
                    pair: tuple[str, str]) -> Choice:
-        """``choice``, or the sampled instance with a lower predicted TTFT (item 6)."""
+        """``choice``, or the instance of the fallback window with the lowest predicted TTFT below
+        it (item 6)."""
         others = [n for n in sorted(by_name) if n not in pair]
         start, best = self._rng.randrange(len(others)) if others else 0, choice
         for name in (others + others)[start:start + min(self.slo_fallback, len(others))]:
