@@ -15,8 +15,8 @@ def add_sim_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim = sub.add_parser("simulate", help="trace-driven cluster simulation of the routing policies")
-    sim.add_argument("--setup", help="a regime under deploy/sim (paper, paper-h100, paper-tune, cpu, synthetic, "
-                     "azure-conv) or a YAML path; default: the CPU regime of --trace")
+    sim.add_argument("--setup", help="a regime under deploy/sim (paper, paper-h100, paper-tune, paper-routers4, cpu, "
+                     "synthetic, azure-conv) or a YAML path; default: the CPU regime of --trace")
     sim.add_argument("--trace", choices=["mooncake", "azure-conv", "azure-code", "synthetic"])
     sim.add_argument("--limit", type=int, help="first N requests only")
     sim.add_argument("--prefill", type=int), sim.add_argument("--decode", type=int)
@@ -26,6 +26,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--profile", help="latency profile: a name under deploy/profiles or a JSON path")
     sim.add_argument("--requests", type=int), sim.add_argument("--rate", type=float)
     sim.add_argument("--seed", type=int)
+    sim.add_argument("--routers", type=int, help="router replicas, each seeing the others' load as last reported")
     sim.add_argument("--param", action="append", default=[], metavar="POLICY.NAME=VALUE",
                      help="a policy parameter, e.g. cache_aware.balance_abs_tokens=32768 (repeatable)")
     sim.add_argument("--ablation", action="store_true", help="also DualMap's goodput with each mechanism off")
@@ -71,7 +72,8 @@ def _add_sim_check(sub: argparse._SubParsersAction) -> None:
 
 
 _DEFAULT_SETUP = {"mooncake": "cpu", "synthetic": "synthetic", "azure-conv": "azure-conv", "azure-code": "azure-conv"}
-_SETUP_FLAGS = ("trace", "limit", "prefill", "decode", "cache_blocks", "ttft_slo_s", "profile", "requests", "rate", "seed")
+_SETUP_FLAGS = ("trace", "limit", "prefill", "decode", "cache_blocks", "ttft_slo_s", "profile", "requests", "rate", "seed",
+                "routers")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -91,7 +93,7 @@ def _simulate(args: argparse.Namespace) -> int:
     slo = setup.ttft_slo_s or workloads.p95_isolated_prefill_s(requests, latency)
     cfg = SimConfig(prefill=setup.prefill, decode=setup.decode, cache_blocks=setup.cache_blocks, ttft_slo_s=slo,
                     kv_bytes_per_token=setup.kv_bytes_per_token, kv_bandwidth_bps=setup.kv_bandwidth_bps,
-                    warmup=setup.warmup, seed=setup.seed)
+                    warmup=setup.warmup, seed=setup.seed, routers=setup.routers)
     policies = list(PREFILL_POLICIES) if args.policies == "all" else args.policies.split(",")
     params = {**setup.policy_params, **_policy_params(args.param)}
     results = run_study(setup.trace, requests, cfg, latency, policies, Path(args.out), params, setup.fixed_rates,

@@ -102,3 +102,33 @@ def test_capacity_bound_uses_one_infinite_cache_and_full_utilization():
     # 0.1 s + 0.001 s (99 of 100 tokens cached) + 0.1 s of work for 3 requests on 1 instance
     assert capacity_bound_rps(tiny_trace(), LINEAR, instances=1, block_size=4) == pytest.approx(3 / 0.201)
     assert capacity_bound_rps(tiny_trace(), LINEAR, instances=4, block_size=4) == pytest.approx(12 / 0.201)
+
+
+def test_a_router_replica_sees_other_replicas_work_only_as_last_reported():
+    """Two replicas: replica 1's queued request is invisible to replica 0 until a load report,
+    then visible; replica 0 always sees its own work, and one router sees everything at once."""
+    from pdserve.sim.queues import PrefillState, QueuedPrefill
+    from router.policies import RouteRequest
+
+    p = PrefillState("prefill-0", own=[[0, 0.0], [0, 0.0]], reported=[(0, 0.0), (0, 0.0)])
+    for replica, (tokens, seconds) in enumerate([(100, 1.0), (300, 3.0)]):
+        q = QueuedPrefill(replica, RouteRequest(str(replica), (), tokens), seconds, tokens, replica)
+        p.queue.append(q)
+        p.pending_tokens, p.queued_s = p.pending_tokens + tokens, p.queued_s + seconds
+        p.account(replica, tokens, seconds)
+    seen = lambda replica: (p.snapshot(5.0, replica).pending_prefill_tokens, p.snapshot(5.0, replica).queued_prefill_s)
+    assert (seen(0), seen(1)) == ((100, 1.0), (300, 3.0))
+    p.reported = [p.share(r, 5.0) for r in range(2)]
+    assert (seen(0), seen(1)) == ((400, 4.0), (400, 4.0))
+    single = PrefillState("prefill-0", own=[[0, 0.0]], reported=[(0, 0.0)])
+    single.pending_tokens, single.queued_s = 400, 4.0
+    assert (single.snapshot(5.0).pending_prefill_tokens, single.snapshot(5.0).queued_prefill_s) == (400, 4.0)
+
+
+@pytest.mark.parametrize("routers", [1, 3])
+def test_runs_with_router_replicas_are_seeded_and_end(routers):
+    requests = traces.synthetic(300, rate=2.0, seed=3)
+    run = lambda: ClusterSim(SimConfig(prefill=4, decode=2, ttft_slo_s=20.0, routers=routers), LatencyModel.load(),
+                             "dualmap").run(requests, 2.0)
+    first, second = run(), run()
+    assert first.ttft_s == second.ttft_s and all(t > 0 for t in first.ttft_s)

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from pdserve.base.types import LoadSnapshot
+from pdserve.sim.queues import DecodeState, PrefillState, QueuedPrefill
 from pdserve.sim.traces import TraceRequest
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, DEFAULT_KV_TOKENS, LatencyModel
 from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
 from router.policies.base import REBALANCE_WINDOW
 
-ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE = range(5)
+ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE, REPORT = range(6)
+_PERIODIC = (REBALANCE, REPORT)
 
 
 @dataclass(frozen=True)
@@ -53,44 +55,14 @@ class SimConfig:
     longer (the live router's 250 ms poll against seconds of SLO)."""
     warmup: int = 0
     """Leading requests excluded from attainment (they run, warming caches, but are not scored)."""
+    routers: int = 1
+    """Router replicas. Arrival i goes to replica i mod ``routers``; each replica has its own policy
+    (cache view, hotness, rebalancing of the requests it queued) and, as the live router's
+    admission queue, knows the work it queued itself exactly and the other replicas' only as of
+    their last load report."""
+    report_interval_s: float = 0.25
+    """How often replicas see each other's queued work (the live router's load poll)."""
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class _Queued:
-    """A request waiting at a prefill instance, with the router's estimates for it there."""
-
-    i: int
-    route: RouteRequest
-    predicted_s: float
-    uncached: int
-
-
-@dataclass
-class _Prefill:
-    name: str
-    cache: OrderedDict = field(default_factory=OrderedDict)
-    queue: deque = field(default_factory=deque)
-    """``_Queued`` requests in service order."""
-    busy_until: float = 0.0
-    """When the running prefill is predicted to end (the router's estimate, not the real end)."""
-    busy: bool = False
-    running_uncached: int = 0
-    pending_tokens: int = 0
-    queued_s: float = 0.0
-    busy_s: float = 0.0
-
-    def snapshot(self, t: float) -> LoadSnapshot:
-        return LoadSnapshot(self.name, waiting=len(self.queue), running=int(self.busy),
-                            pending_prefill_tokens=self.pending_tokens,
-                            queued_prefill_s=self.queued_s + max(0.0, self.busy_until - t))
-
-
-@dataclass
-class _Decode:
-    name: str
-    active: int = 0
-    tokens: int = 0
 
 
 @dataclass
@@ -138,11 +110,15 @@ class ClusterSim:
         """Replay ``requests`` with arrivals compressed ``scale`` times (2.0 = twice the rate)."""
         ctx = PolicyContext(block_size=self.cfg.block_size, cache_blocks=self.cfg.cache_blocks, latency=self.latency,
                             ttft_slo_ms=self.cfg.ttft_slo_s * 1e3, seed=self.cfg.seed)
-        self._p_policy = make_policy(self.prefill_policy, ctx, **self.policy_params)
+        routers = max(1, self.cfg.routers)
+        self._p_policies = [make_policy(self.prefill_policy, replace(ctx, replica=r), **self.policy_params)
+                            for r in range(routers)]
+        self._p_policy = self._p_policies[0]
         self._d_policy = make_policy(self.decode_policy, ctx)
-        self._prefills = [_Prefill(f"prefill-{i}") for i in range(self.cfg.prefill)]
-        self._decodes = [_Decode(f"decode-{i}") for i in range(self.cfg.decode)]
-        self._requests, self._events, self._seq = requests, [], 0
+        self._prefills = [PrefillState(f"prefill-{i}", own=[[0, 0.0] for _ in range(routers)],
+                                   reported=[(0, 0.0)] * routers) for i in range(self.cfg.prefill)]
+        self._decodes = [DecodeState(f"decode-{i}") for i in range(self.cfg.decode)]
+        self._requests, self._events, self._seq, self._pending = requests, [], 0, 0
         self._ttft, self._tpot = [0.0] * len(requests), []
         self._cached = self._input = 0
         self._decisions: Counter = Counter()
@@ -152,39 +128,45 @@ class ClusterSim:
         self._rebalance_every = max(self.cfg.rebalance_interval_s, self.cfg.ttft_slo_s / 100)
         if hasattr(self._p_policy, "rebalance"):
             self._push(self._rebalance_every, REBALANCE, 0)
+        if routers > 1:
+            self._push(0.0, REPORT, 0)
         self._loop()
         return RunResult(scale, self._ttft, self._tpot, self._cached, self._input,
                          [p.busy_s for p in self._prefills], self._decisions, self.cfg.ttft_slo_s, self.cfg.warmup)
 
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
         self._seq += 1
+        self._pending += kind not in _PERIODIC
         heapq.heappush(self._events, (t, self._seq, kind, a, b))
 
     def _loop(self) -> None:
         handlers = {ARRIVE: self._arrive, PREFILL_DONE: self._prefill_done, DECODE_START: self._decode_start,
-                    DECODE_DONE: self._decode_done, REBALANCE: self._rebalance}
+                    DECODE_DONE: self._decode_done, REBALANCE: self._rebalance, REPORT: self._report}
         while self._events:
             t, _, kind, a, b = heapq.heappop(self._events)
+            self._pending -= kind not in _PERIODIC
             handlers[kind](t, a, b)
 
     # ---- prefill -----------------------------------------------------------------------------
     def _arrive(self, t: float, i: int, _: int) -> None:
-        r = self._requests[i]
-        hashes = r.hashes if self._p_policy.uses_prefix else ()
+        r, replica = self._requests[i], i % len(self._p_policies)
+        policy = self._p_policies[replica]
+        hashes = r.hashes if policy.uses_prefix else ()
         route = RouteRequest(str(i), hashes, r.input_len, r.output_len, self.cfg.ttft_slo_s * 1e3)
-        choice = self._p_policy.select(route, [p.snapshot(t) for p in self._prefills])
+        choice = policy.select(route, [p.snapshot(t, replica) for p in self._prefills])
         self._decisions[choice.reason] += 1
         uncached = r.input_len - min(choice.cached_tokens, r.input_len - 1)
         predicted = self.latency.prefill_s(uncached, r.input_len - uncached)
-        self._enqueue(t, _index(choice.instance), _Queued(i, route, predicted, uncached))
+        self._enqueue(t, _index(choice.instance), QueuedPrefill(i, route, predicted, uncached, replica))
 
-    def _enqueue(self, t: float, p_idx: int, q: _Queued) -> None:
+    def _enqueue(self, t: float, p_idx: int, q: QueuedPrefill) -> None:
         """Queue a request on prefill ``p_idx`` with the router's estimates of its prefill there
         (what the load snapshots of later decisions add up)."""
         p = self._prefills[p_idx]
         p.queue.append(q)
         p.pending_tokens += q.uncached
         p.queued_s += q.predicted_s
+        p.account(q.replica, q.uncached, q.predicted_s)
         if not p.busy:
             self._start(t, p_idx)
 
@@ -193,6 +175,8 @@ class ClusterSim:
         q = p.queue.popleft()
         p.queued_s -= q.predicted_s
         p.pending_tokens -= q.uncached
+        p.account(q.replica, -q.uncached, -q.predicted_s)
+        p.owner = q.replica
         i, r = q.i, self._requests[q.i]
         hit = 0
         for h in r.hashes:
@@ -217,7 +201,7 @@ class ClusterSim:
         while len(p.cache) > self.cfg.cache_blocks:
             p.cache.popitem(last=False)
         self._ttft[i] = t - self._arrivals[i]
-        p.busy, p.busy_until = False, t
+        p.busy, p.busy_until, p.owner = False, t, -1
         p.pending_tokens -= p.running_uncached
         self._push(t + r.input_len * self.cfg.kv_bytes_per_token / self.cfg.kv_bandwidth_bps, DECODE_START, i)
         if p.queue:
@@ -245,20 +229,34 @@ class ClusterSim:
 
     # ---- rebalancing -------------------------------------------------------------------------
     def _rebalance(self, t: float, _: int, __: int) -> None:
+        """Each replica's policy may move the requests that replica queued."""
         if any(p.queue for p in self._prefills):  # nothing to move otherwise
-            queues = [self._window(p, t) for p in self._prefills]
-            for move in self._p_policy.rebalance(queues):
-                self._move(t, int(move.request_id), _index(move.target), move.prefill_s)
-        if len(self._events) > 0:
+            for replica, policy in enumerate(self._p_policies):
+                queues = [self._window(p, t, replica) for p in self._prefills]
+                for move in policy.rebalance(queues):
+                    self._move(t, int(move.request_id), _index(move.target), move.prefill_s)
+        if self._pending:  # periodic events end with the last request's
             self._push(t + self._rebalance_every, REBALANCE, 0)
 
-    def _window(self, p: _Prefill, t: float) -> InstanceQueue:
-        """The rebalancer's view of ``p``: its last queued requests, the rest folded into busy_s."""
-        if not p.queue:
+    def _report(self, t: float, _: int, __: int) -> None:
+        """The replicas' load reports: each one's work per instance, as of now."""
+        for p in self._prefills:
+            p.reported = [p.share(r, t) for r in range(len(p.own))]
+        if self._pending:
+            self._push(t + self.cfg.report_interval_s, REPORT, 0)
+
+    def _window(self, p: PrefillState, t: float, replica: int = 0) -> InstanceQueue:
+        """Replica ``replica``'s rebalancer view of ``p``: the last requests it queued there, the
+        rest of the queue (as it sees it) folded into busy_s."""
+        if len(p.own) > 1:
+            tail = [q for q in p.queue if q.replica == replica][-REBALANCE_WINDOW:]
+            busy = max(0.0, p.snapshot(t, replica).queued_prefill_s - sum(q.predicted_s for q in tail))
+        elif not p.queue:
             return InstanceQueue(p.name, max(0.0, p.busy_until - t))
-        tail = list(itertools.islice(reversed(p.queue), REBALANCE_WINDOW))[::-1]
-        ahead = p.queued_s - sum(q.predicted_s for q in tail)
-        return InstanceQueue(p.name, max(0.0, p.busy_until - t) + max(0.0, ahead),
+        else:
+            tail = list(itertools.islice(reversed(p.queue), REBALANCE_WINDOW))[::-1]
+            busy = max(0.0, p.busy_until - t) + max(0.0, p.queued_s - sum(q.predicted_s for q in tail))
+        return InstanceQueue(p.name, busy,
                              tuple(QueuedRequest(q.route, q.predicted_s, t - self._arrivals[q.i]) for q in tail))
 
     def _move(self, t: float, i: int, target: int, predicted_s: float) -> None:
@@ -268,6 +266,7 @@ class ClusterSim:
                 p.queue.remove(found)
                 p.pending_tokens -= found.uncached
                 p.queued_s -= found.predicted_s
+                p.account(found.replica, -found.uncached, -found.predicted_s)
                 self._decisions["rebalance"] += 1
                 self._enqueue(t, target, replace(found, predicted_s=predicted_s))
                 return

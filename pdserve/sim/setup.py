@@ -53,6 +53,8 @@ class SimSetup:
     reported (the paper's second metric)."""
     seed: int = 0
     """Seed of the synthetic workload and of every policy."""
+    routers: int = 1
+    """Router replicas (``SimConfig.routers``)."""
     policy_params: dict = field(default_factory=dict)
     """Per-policy parameters, e.g. ``{cache_aware: {balance_abs_tokens: 32768}}``."""
 
@@ -61,8 +63,8 @@ class SimSetup:
             raise ConfigError(f"setup trace: unknown {self.trace!r}")
         if min(self.prefill, self.decode, self.cache_blocks) < 1:
             raise ConfigError("setup prefill, decode and cache_blocks must be >= 1")
-        if min(self.offset, self.limit, self.warmup, self.max_input_tokens, self.ttft_slo_s) < 0:
-            raise ConfigError("setup offset, limit, warmup, max_input_tokens and ttft_slo_s must be >= 0")
+        if min(self.offset, self.limit, self.warmup, self.max_input_tokens, self.ttft_slo_s, self.routers - 1) < 0:
+            raise ConfigError("setup offset, limit, warmup, max_input_tokens and ttft_slo_s must be >= 0, routers >= 1")
 
     def profile_path(self) -> Path:
         """The latency profile's file."""

@@ -7,6 +7,8 @@ decode pools each get their own policy object.
 """
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -50,6 +52,14 @@ class PolicyContext:
     """TTFT target for requests that set none (0: none)."""
     seed: int = 0
     """Seed of every random choice."""
+    replica: int = 0
+    """The router replica this policy serves. Its random draws (``rng``) are seeded with ``seed``
+    and the replica, so replicas draw independently; hash rings use ``seed`` alone, so every
+    replica maps a key to the same instances."""
+
+    def rng(self) -> random.Random:
+        """A generator for this policy's random draws (replica 0: seeded with ``seed`` itself)."""
+        return random.Random(self.seed + 1_000_003 * self.replica)
 
 
 @dataclass(frozen=True)

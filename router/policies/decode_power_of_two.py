@@ -3,7 +3,6 @@
 (latency model) exceeds the request's TPOT SLO while the other's does not (``slo_switch``)."""
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 from pdserve.base.types import LoadSnapshot
@@ -18,7 +17,7 @@ class DecodePowerOfTwoPolicy:
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
         self.ctx = ctx
-        self._rng = random.Random(ctx.seed)
+        self._rng = ctx.rng()
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         ordered = sorted(candidates, key=lambda c: c.instance)

@@ -27,7 +27,6 @@
 """
 from __future__ import annotations
 
-import random
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -58,7 +57,7 @@ class DualMapPolicy:
         self.indexes = PrefixIndexes(ctx.cache_blocks)
         self.hotness = HotnessTree(window, max_key_blocks, min_hot_count)
         self._placed: OrderedDict[str, tuple[tuple[str, str], str, int]] = OrderedDict()
-        self.slo_fallback, self._rng = slo_fallback, random.Random(ctx.seed)
+        self.slo_fallback, self._rng = slo_fallback, ctx.rng()
 
     # ---- the two candidates ------------------------------------------------------------------
     def key(self, request: RouteRequest) -> int:

@@ -1,7 +1,6 @@
 """``power_of_two``: two random candidates, the less loaded wins (Mitzenmacher's two choices)."""
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 from pdserve.base.types import LoadSnapshot
@@ -15,7 +14,7 @@ class PowerOfTwoPolicy:
     uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
-        self._rng = random.Random(ctx.seed)
+        self._rng = ctx.rng()
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         ordered = sorted(candidates, key=lambda c: c.instance)

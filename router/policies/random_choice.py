@@ -1,7 +1,6 @@
 """``random``: a uniformly random candidate (seeded)."""
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 from pdserve.base.types import LoadSnapshot
@@ -15,7 +14,7 @@ class RandomPolicy:
     uses_prefix = False
 
     def __init__(self, ctx: PolicyContext = PolicyContext()) -> None:
-        self._rng = random.Random(ctx.seed)
+        self._rng = ctx.rng()
 
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         return Choice(self._rng.choice(sorted(c.instance for c in candidates)), "random")

@@ -1,0 +1,74 @@
+"""The routing simulator's per-instance state (``pdserve.sim.cluster``): a prefill instance's queue,
+prefix cache and load accounting, per router replica, and a decode instance's batch."""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from pdserve.base.types import LoadSnapshot
+from router.policies import RouteRequest
+
+
+@dataclass(frozen=True)
+class QueuedPrefill:
+    """A request waiting at a prefill instance, with the router's estimates for it there."""
+
+    i: int
+    route: RouteRequest
+    predicted_s: float
+    uncached: int
+    replica: int = 0
+
+
+@dataclass
+class PrefillState:
+    name: str
+    cache: OrderedDict = field(default_factory=OrderedDict)
+    queue: deque = field(default_factory=deque)
+    """``QueuedPrefill`` requests in service order."""
+    busy_until: float = 0.0
+    """When the running prefill is predicted to end (the router's estimate, not the real end)."""
+    busy: bool = False
+    running_uncached: int = 0
+    pending_tokens: int = 0
+    queued_s: float = 0.0
+    busy_s: float = 0.0
+    owner: int = -1
+    """The replica that queued the running prefill (-1: none runs)."""
+    own: list = field(default_factory=list)
+    """Per replica: [uncached tokens, predicted seconds] it has queued here and not started."""
+    reported: list = field(default_factory=list)
+    """Per replica: its [tokens, seconds] here (running included) at the last load report."""
+
+    def snapshot(self, t: float, replica: int = 0) -> LoadSnapshot:
+        """The load replica ``replica`` sees: all of it, exact, with one router; else its own
+        work exact and the other replicas' as last reported."""
+        if len(self.own) <= 1:
+            return LoadSnapshot(self.name, waiting=len(self.queue), running=int(self.busy),
+                                pending_prefill_tokens=self.pending_tokens,
+                                queued_prefill_s=self.queued_s + max(0.0, self.busy_until - t))
+        tokens, seconds = self.share(replica, t)
+        for r, (tok, sec) in enumerate(self.reported):
+            if r != replica:
+                tokens, seconds = tokens + tok, seconds + sec
+        return LoadSnapshot(self.name, waiting=len(self.queue), running=int(self.busy),
+                            pending_prefill_tokens=tokens, queued_prefill_s=seconds)
+
+    def share(self, replica: int, t: float) -> tuple[int, float]:
+        """Replica ``replica``'s own work here now: what it queued, and the running prefill if its."""
+        tokens, seconds = self.own[replica]
+        if self.owner == replica:
+            tokens, seconds = tokens + self.running_uncached, seconds + max(0.0, self.busy_until - t)
+        return tokens, seconds
+
+    def account(self, replica: int, tokens: int, seconds: float) -> None:
+        if self.own:
+            self.own[replica][0] += tokens
+            self.own[replica][1] += seconds
+
+
+@dataclass
+class DecodeState:
+    name: str
+    active: int = 0
+    tokens: int = 0
