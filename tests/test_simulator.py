@@ -112,10 +112,7 @@ def test_a_router_replica_sees_other_replicas_work_only_as_last_reported():
 
     p = PrefillState("prefill-0", own=[[0, 0.0], [0, 0.0]], reported=[(0, 0.0), (0, 0.0)])
     for replica, (tokens, seconds) in enumerate([(100, 1.0), (300, 3.0)]):
-        q = QueuedPrefill(replica, RouteRequest(str(replica), (), tokens), seconds, tokens, replica)
-        p.queue.append(q)
-        p.pending_tokens, p.queued_s = p.pending_tokens + tokens, p.queued_s + seconds
-        p.account(replica, tokens, seconds)
+        p.push(QueuedPrefill(replica, RouteRequest(str(replica), (), tokens), seconds, tokens, replica))
     seen = lambda replica: (p.snapshot(5.0, replica).pending_prefill_tokens, p.snapshot(5.0, replica).queued_prefill_s)
     assert (seen(0), seen(1)) == ((100, 1.0), (300, 3.0))
     p.reported = [p.share(r, 5.0) for r in range(2)]

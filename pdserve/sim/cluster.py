@@ -163,19 +163,13 @@ class ClusterSim:
         """Queue a request on prefill ``p_idx`` with the router's estimates of its prefill there
         (what the load snapshots of later decisions add up)."""
         p = self._prefills[p_idx]
-        p.queue.append(q)
-        p.pending_tokens += q.uncached
-        p.queued_s += q.predicted_s
-        p.account(q.replica, q.uncached, q.predicted_s)
+        p.push(q)
         if not p.busy:
             self._start(t, p_idx)
 
     def _start(self, t: float, p_idx: int) -> None:
         p = self._prefills[p_idx]
-        q = p.queue.popleft()
-        p.queued_s -= q.predicted_s
-        p.pending_tokens -= q.uncached
-        p.account(q.replica, -q.uncached, -q.predicted_s)
+        q = p.take()
         p.owner = q.replica
         i, r = q.i, self._requests[q.i]
         hit = 0
@@ -263,10 +257,7 @@ class ClusterSim:
         for p in self._prefills:
             found = next((q for q in p.queue if q.i == i), None)
             if found is not None:
-                p.queue.remove(found)
-                p.pending_tokens -= found.uncached
-                p.queued_s -= found.predicted_s
-                p.account(found.replica, -found.uncached, -found.predicted_s)
+                p.take(found)
                 self._decisions["rebalance"] += 1
                 self._enqueue(t, target, replace(found, predicted_s=predicted_s))
                 return

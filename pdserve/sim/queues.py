@@ -55,16 +55,33 @@ class PrefillState:
                             pending_prefill_tokens=tokens, queued_prefill_s=seconds)
 
     def share(self, replica: int, t: float) -> tuple[int, float]:
-        """Replica ``replica``'s own work here now: what it queued, and the running prefill if its."""
+        """Replica ``replica``'s own work here now: what it queued, and the running prefill if it
+        queued that too."""
         tokens, seconds = self.own[replica]
         if self.owner == replica:
             tokens, seconds = tokens + self.running_uncached, seconds + max(0.0, self.busy_until - t)
         return tokens, seconds
 
-    def account(self, replica: int, tokens: int, seconds: float) -> None:
+    def push(self, q: QueuedPrefill) -> None:
+        """Queue ``q`` last, adding its estimates to the totals and to its replica's share."""
+        self.queue.append(q)
+        self._account(q, 1)
+
+    def take(self, q: QueuedPrefill | None = None) -> QueuedPrefill:
+        """Remove ``q`` (default: the head) from the queue and its estimates from the accounts."""
+        if q is None:
+            q = self.queue.popleft()
+        else:
+            self.queue.remove(q)
+        self._account(q, -1)
+        return q
+
+    def _account(self, q: QueuedPrefill, sign: int) -> None:
+        self.pending_tokens += sign * q.uncached
+        self.queued_s += sign * q.predicted_s
         if self.own:
-            self.own[replica][0] += tokens
-            self.own[replica][1] += seconds
+            self.own[q.replica][0] += sign * q.uncached
+            self.own[q.replica][1] += sign * q.predicted_s
 
 
 @dataclass
