@@ -77,4 +77,4 @@ plan-study: setup
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/pdserve_v1.proto protos/kv_transfer_v1.proto
+		protos/pdserve_v1.proto protos/kv_transfer_v1.proto protos/worker_v1.proto

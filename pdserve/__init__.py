@@ -2,7 +2,8 @@
 
 - ``pdserve.base``: types, config, environment, small OS helpers. Imports nothing of ours.
 - ``kv_transfer``: the vLLM KV connector and its transports.
-- ``pdserve.engine``: the vLLM engine host and the Ray actor base the workers share.
+- ``pdserve.engine``: the vLLM engine host, the Ray actor base the workers share and their direct
+  request server.
 - ``prefill_worker``, ``decode_worker``: the Ray actors.
 - ``router``: the gRPC and HTTP front ends, the request path, routing policies, metrics.
 - ``pdserve.client``, ``pdserve.sim``, ``pdserve.bench``: the gRPC client, the simulators and the

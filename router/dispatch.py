@@ -26,10 +26,11 @@ from typing import Any, AsyncIterator, Callable
 
 from kv_transfer import control
 from kv_transfer.handle import KvHandle
-from pdserve.base.types import ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
+from pdserve.base.types import LoadSnapshot, ModelInfo, NoInstanceError, PrefillResult, RequestRecord, RequestState
 from router.legs import (FinalEvent, Legs, TokenEvent, WorkerFailedError, attempt_id, await_worker, final_event,
                          log_end, quiet, request_record, retry_or_raise, router_block_tokens, terminal_state,
                          worker_stream)
+from router.calls import make_calls
 from router.policies import RouteRequest
 from router.pools import WorkerPool
 from router.prepare import RequestPreparer
@@ -51,8 +52,11 @@ class Dispatcher:
     def __init__(self, prefill: WorkerPool, decode: WorkerPool | None, model: ModelInfo, default_max_tokens: int,
                  record: Callable[[RequestRecord], None] = lambda rec: None, router_block: int = 0,
                  retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0,
-                 tokenizer: PromptTokenizer | None = None, split: SplitRule | None = None) -> None:
+                 tokenizer: PromptTokenizer | None = None, split: SplitRule | None = None,
+                 worker_calls: str = "grpc") -> None:
         self.prefill, self.decode, self.split = prefill, decode, split
+        self.calls = make_calls(worker_calls, self._snapshot)
+        """How request calls reach the workers (``router.calls``)."""
         self.preparer = RequestPreparer(prefill, model, default_max_tokens, router_block, tokenizer, retries,
                                         retry_wait_s)
         self.retries, self.retry_wait_s = retries, retry_wait_s
@@ -67,6 +71,11 @@ class Dispatcher:
         cancelled, and each ends its stream with ``FinalEvent.cut``."""
         self._consumers: dict[int, asyncio.Task] = {}
         self._abandoned: set[asyncio.Task] = set()
+
+    def _snapshot(self, name: str) -> LoadSnapshot:
+        """A worker's last load snapshot, from the pool that polls it (``self.calls``' lookup)."""
+        pool = self.prefill if self.decode is None or self.prefill.has(name) else self.decode
+        return pool.snapshot(name)
 
     @property
     def pools(self) -> list[WorkerPool]:
@@ -157,7 +166,7 @@ class Dispatcher:
         """The admitted request, whole, on its prefill engine (``generate``)."""
         legs.decode = legs.prefill
         legs.decode_id = attempt_id(req.request_id)
-        stream = legs.prefill.actor.generate.options(num_returns="streaming").remote(legs.decode_id, ids, req.sampling)
+        stream = self.calls.generate(legs.prefill, legs.decode_id, ids, req.sampling)
         async for chunk in worker_stream(self.prefill, legs.prefill, stream):
             if req.state is RequestState.PREFILLING and chunk.token_ids:
                 req.mark("first_token")
@@ -209,7 +218,8 @@ class Dispatcher:
                 await self._admit(req, route, legs)
             admitted = False
             legs.prefill_id = attempt_id(req.request_id)
-            legs.prefill_ref = legs.prefill.actor.prefill.remote(legs.prefill_id, ids, req.sampling, route.max_tokens > 1)
+            legs.prefill_ref = self.calls.prefill(legs.prefill, legs.prefill_id, ids, req.sampling,
+                                                           route.max_tokens > 1)
             try:
                 result = await await_worker(self.prefill, legs.prefill, legs.prefill_ref)
             except WorkerFailedError as err:
@@ -226,7 +236,7 @@ class Dispatcher:
     def _abandon(self, worker: Any, engine_id: str) -> None:
         """Abort, in the background, an attempt a failure made us leave: a worker that stalled or
         stopped answering may run again, and must not run it for nobody."""
-        abort = asyncio.wait_for(worker.actor.abort.remote(engine_id), _CLEANUP_TIMEOUT_S)
+        abort = asyncio.wait_for(self.calls.abort(worker, engine_id), _CLEANUP_TIMEOUT_S)
         task = asyncio.get_running_loop().create_task(quiet(abort))
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
@@ -243,8 +253,7 @@ class Dispatcher:
             legs.decode = self.decode.pick(route, avoid=legs.prefill.name if self.split else "")
             if req.state is RequestState.PREFILLING:
                 req.to(RequestState.TRANSFERRING)
-            stream = legs.decode.actor.decode.options(num_returns="streaming").remote(
-                legs.decode_id, prompt, first, spec, kv_params)
+            stream = self.calls.decode(legs.decode, legs.decode_id, prompt, first, spec, kv_params)
             renewal = asyncio.create_task(self._renew_hold(legs)) if kv_params is not None else None
             try:
                 async for chunk in worker_stream(self.decode, legs.decode, stream):
@@ -282,13 +291,13 @@ class Dispatcher:
         try:
             async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
                 if legs.prefill_ref is not None:
-                    await quiet(legs.prefill.actor.abort.remote(legs.prefill_id))
+                    await quiet(self.calls.abort(legs.prefill, legs.prefill_id))
                     late = await quiet(legs.prefill_ref)  # it may have finished before the abort
                     legs.handle = KvHandle.from_params(getattr(late, "kv_params", None))
                 if legs.handle is not None:
                     await asyncio.to_thread(control.release, legs.handle)
                 if legs.decode is not None and not legs.decode_done:
-                    await quiet(legs.decode.actor.abort.remote(legs.decode_id))
+                    await quiet(self.calls.abort(legs.decode, legs.decode_id))
         except TimeoutError:
             log.warning("cleanup of %s timed out", req.request_id)
 

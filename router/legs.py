@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import ray
-
 from kv_transfer.handle import KvHandle
 from pdserve.base.types import (InvalidRequestError, ModelInfo, NoInstanceError, Outcome, OverloadedError, RequestRecord,
                                 RequestState)
@@ -23,6 +21,11 @@ _log = logging.getLogger("pdserve.router")
 
 class WorkerFailedError(NoInstanceError):
     """A worker died or failed mid-request (gRPC UNAVAILABLE)."""
+
+
+class WorkerUnreachableError(WorkerFailedError):
+    """A worker could not be reached at all (its process is gone): out of routing until a poll
+    finds it again."""
 
 
 @dataclass(frozen=True)
@@ -99,29 +102,24 @@ class Legs:
 
 
 async def await_worker(pool: Any, worker: Any, call: Any) -> Any:
-    """Await a worker call (an ObjectRef, or a stream's next ref), unless the pool loses the worker
-    first (``WorkerPool.lost``: down or stalled): WorkerFailedError then, as for a failed call. An
-    InvalidRequestError raised there is re-raised as itself."""
+    """Await a worker call (``router.calls``: it raises only pdserve's errors), unless the pool
+    loses the worker first (``WorkerPool.lost``: down or stalled): WorkerFailedError then, as for a
+    failed call. A worker found unreachable is taken out of routing."""
     try:
         return await _unless_lost(pool.lost(worker.name), worker.name, call)
-    except ray.exceptions.RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, InvalidRequestError):
-            raise InvalidRequestError(str(cause)) from None
-        raise WorkerFailedError(f"{worker.name} failed: {cause or err}".splitlines()[0]) from None
-    except ray.exceptions.RayError as err:
+    except WorkerUnreachableError:
         pool.mark_dead(worker.name)
-        raise WorkerFailedError(f"{worker.name} is unavailable: {type(err).__name__}") from None
+        raise
 
 
-async def worker_stream(pool: Any, worker: Any, stream: Any) -> AsyncIterator[Any]:
+async def worker_stream(pool: Any, worker: Any, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """The items of a worker's streaming call, each awaited as ``await_worker`` does."""
     while True:
         try:
-            ref = await await_worker(pool, worker, stream.__anext__())
+            item = await await_worker(pool, worker, stream.__anext__())
         except StopAsyncIteration:
             return
-        yield await await_worker(pool, worker, ref)
+        yield item
 
 
 async def _unless_lost(lost: asyncio.Future, name: str, call: Any) -> Any:

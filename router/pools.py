@@ -86,6 +86,10 @@ class WorkerPool:
         (the ``eligible`` filter), always otherwise."""
         return self._eligible is None or self._eligible(name)
 
+    def has(self, name: str) -> bool:
+        """Whether this pool has a worker named ``name``."""
+        return name in self._workers
+
     def snapshot(self, name: str) -> LoadSnapshot:
         """The last snapshot of the worker named ``name``."""
         return self._loads[name]

@@ -79,7 +79,8 @@ class RouterServer:
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
                                      settings.faults.retry_wait_s, settings.kv_lease_s,
-                                     _tokenizer(model) if settings.tokenize_in_router else None, split)
+                                     _tokenizer(model) if settings.tokenize_in_router else None, split,
+                                     settings.routing.worker_calls)
         self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
         self.stats.listeners.append(self.exporter)
         if self.roles is not None:
@@ -156,6 +157,7 @@ class RouterServer:
                 await self._poller
         if self._server is not None:
             await asyncio.gather(self._server.stop(STOP_GRACE_S), self.http.stop())
+        await self.dispatcher.calls.close()
         self.exporter.stop()
 
 

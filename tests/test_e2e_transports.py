@@ -93,8 +93,8 @@ class QueuedDecode:
         async for ref in self.inner.decode.options(num_returns="streaming").remote(*args):
             yield await ref
 
-    async def load(self):
-        return replace(await self.inner.load.remote(), instance=self.name)
+    async def load(self):  # no direct server of its own: the router calls it through Ray
+        return replace(await self.inner.load.remote(), instance=self.name, endpoint="", endpoint_token="")
 
     async def abort(self, request_id: str) -> None:
         await self.inner.abort.remote(request_id)

@@ -58,6 +58,8 @@ class EngineConfig:
 
 KV_TRANSPORTS = ("tcp", "grpc", "gloo")
 """The names ``kv_transfer.transports`` registers (a test keeps the two equal)."""
+WORKER_CALLS = ("grpc", "ray")
+"""The names ``router.calls`` registers (a test keeps the two equal)."""
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,15 @@ class RoutingConfig:
     (``router.roles``); 0: engines keep their roles."""
     role_cooldown_s: float = 10.0
     """``mode: adaptive``: the least time between two changes of role."""
+    worker_calls: str = "grpc"
+    """How the router's request calls reach the workers: ``grpc`` (straight to each worker's own
+    server, no Ray hop) or ``ray`` (Ray actor calls). Control calls always use Ray."""
 
     def __post_init__(self) -> None:
         _require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")
         _require(bool(self.latency_profile), "routing.latency_profile must name a profile or be auto")
         _require(self.split_budget_s > 0, "routing.split_budget_s must be > 0")
+        _require(self.worker_calls in WORKER_CALLS, f"routing.worker_calls must be one of {WORKER_CALLS}")
         _require(self.role_window >= 0 and self.role_cooldown_s >= 0,
                  "routing.role_window and routing.role_cooldown_s must be >= 0")
 

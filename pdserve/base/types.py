@@ -125,6 +125,11 @@ class LoadSnapshot:
     (right even when the engine's own stats stop coming, as they do from a hung engine)."""
     boot: str = ""
     """This engine incarnation's id (a restarted worker reports a new one)."""
+    endpoint: str = ""
+    """``host:port`` of the worker's direct request server (``protos/worker_v1``); empty when it
+    has none (the router then calls it through Ray)."""
+    endpoint_token: str = ""
+    """The token the direct server requires (this incarnation's own)."""
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """``EngineWorker``: what the prefill and decode Ray actors share.
 
 The actor hosts one ``EngineHost``; the engine is built in ``__init__`` (vLLM imported there, so
-the driver and the router never import it). Called by the router through Ray actor handles.
+the driver and the router never import it). The router polls and manages it through Ray actor
+handles, and makes its request calls through the worker's ``DirectServer`` (gRPC, no Ray hop), or
+through Ray when configured so.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable
 
 import ray
@@ -16,6 +19,7 @@ from pdserve.base.config import EngineConfig, KvTransferConfig
 from pdserve.base.net import free_port
 from pdserve.base.procs import signal_tree
 from pdserve.base.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
+from pdserve.engine.direct import DirectServer
 
 
 class EngineWorker:
@@ -32,14 +36,26 @@ class EngineWorker:
                                      "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks}
         self.name = name
         self.host = EngineHost(engine, model, self.role, connector)
+        self.direct = DirectServer(self, kv_host)
+        self._direct_started: asyncio.Future | None = None
 
     async def info(self) -> ModelInfo:
-        """What this worker serves (also the readiness probe: returns once the engine is up)."""
+        """What this worker serves (also the readiness probe: returns once the engine is up and
+        the direct server serves)."""
+        await self._serve_direct()
         return self.host.info
 
     async def load(self) -> LoadSnapshot:
-        """The engine's latest load (polled by the router)."""
-        return self.host.load(self.name)
+        """The engine's latest load, with the direct server's address and token (polled by the
+        router)."""
+        endpoint = await self._serve_direct()
+        return replace(self.host.load(self.name), endpoint=endpoint, endpoint_token=self.direct.token)
+
+    async def _serve_direct(self) -> str:
+        """The direct server's endpoint, started on the first call (the actor's loop runs by then)."""
+        if self._direct_started is None:
+            self._direct_started = asyncio.ensure_future(self.direct.start())
+        return await asyncio.shield(self._direct_started)
 
     async def pid(self) -> int:
         """This worker's process id (operators, and the fault-injection tests that kill it)."""

@@ -1,0 +1,26 @@
+"""How the router makes its request calls on workers, by name (``routing.worker_calls``):
+``grpc`` (the default: straight to each worker's direct server, ``protos/worker_v1``; Ray for a
+worker that reports no server) or ``ray`` (Ray actor calls). Load polls, restarts and the other
+control calls always go through Ray (``router.pools``)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from pdserve.base.types import LoadSnapshot
+from router.calls.base import WorkerCalls
+from router.calls.grpc_calls import GrpcCalls
+from router.calls.ray_calls import RayCalls
+
+_KINDS: dict[str, Callable[[Callable[[str], LoadSnapshot]], WorkerCalls]] = {
+    "grpc": GrpcCalls, "ray": lambda snapshot: RayCalls()}
+NAMES = tuple(_KINDS)
+
+__all__ = ["NAMES", "WorkerCalls", "make_calls"]
+
+
+def make_calls(name: str, snapshot: Callable[[str], LoadSnapshot]) -> WorkerCalls:
+    """The calls registered as ``name``; ``snapshot(worker_name)`` gives a worker's last load
+    snapshot (where its direct server is)."""
+    if name not in _KINDS:
+        raise ValueError(f"unknown worker calls {name!r}; known: {', '.join(NAMES)}")
+    return _KINDS[name](snapshot)
