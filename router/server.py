@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from typing import Any, Sequence
 
@@ -60,7 +61,7 @@ class RouterServer:
         self.latency = latency_model(settings.routing)
         cache_blocks = max(1, (model.cache_blocks or 1024) * model.block_size // block)
         ctx = PolicyContext(block_size=block, cache_blocks=cache_blocks, latency=self.latency,
-                            ttft_slo_ms=settings.slo_ttft_ms)
+                            ttft_slo_ms=settings.slo_ttft_ms, replica=secrets.randbits(31))
         colocated = settings.mode == "colocated"
         role = "colocated" if colocated else "prefill"
         policy = make_policy(settings.prefill_policy, ctx, **settings.prefill_params)

@@ -36,6 +36,7 @@ def test_deploy_yaml_loads_to_defaults():
     ({"security": {"tls_cert": "a.pem"}}, "security.tls_cert and security.tls_key go together"),
     ({"security": {"tls_client_ca": "ca.pem"}}, "security.tls_client_ca needs tls_cert"),
     ({"faults": {"drain_s": -1}}, "faults.drain_s must be >= 0"),
+    ({"routing": {"worker_calls": "pigeon"}}, "routing.worker_calls must be one of"),
 ])
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -195,3 +196,21 @@ def test_http_connections_are_accepted_with_nagle_off():
         return value
 
     assert asyncio.run(accepted_nodelay()) == 1
+
+
+def test_live_router_replicas_draw_independently_and_share_hash_rings():
+    """Two routers of one deployment (``--replicas``): their policies' random draws differ, their
+    DualMap hash rings map a key to the same instances."""
+    from types import SimpleNamespace
+
+    from pdserve.base.types import ModelInfo
+    from router.server import RouterServer, ServiceSettings
+
+    workers = [SimpleNamespace(name=f"prefill-{i}", actor=None) for i in range(8)]
+    model = ModelInfo(model="/nonexistent/model", max_model_len=2048, block_size=32, eos_token_id=0)
+    a, b = (RouterServer(workers, workers, model, ServiceSettings(http_port=-1)).prefill.policy for _ in range(2))
+    assert [a._rng.random() for _ in range(4)] != [b._rng.random() for _ in range(4)]
+    for policy in (a, b):
+        for ring in policy.rings:
+            ring.sync(w.name for w in workers)
+    assert [[r.lookup(k) for r in a.rings] for k in range(50)] == [[r.lookup(k) for r in b.rings] for k in range(50)]

@@ -55,7 +55,9 @@ class PolicyContext:
     replica: int = 0
     """The router replica this policy serves. Its random draws (``rng``) are seeded with ``seed``
     and the replica, so replicas draw independently; hash rings use ``seed`` alone, so every
-    replica maps a key to the same instances."""
+    replica maps a key to the same instances. The simulator numbers its replicas 0, 1, ...; a
+    live router draws its own at random (``RouterServer``), so replicas of one deployment, on
+    any node, do not draw the same sequence."""
 
     def rng(self) -> random.Random:
         """A generator for this policy's random draws (replica 0: seeded with ``seed`` itself)."""
