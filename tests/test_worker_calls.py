@@ -96,20 +96,21 @@ def test_a_decode_streams_exactly():
     run(test)
 
 
-# (what the worker raises, what the router sees)
-ERRORS = [(InvalidRequestError("prompt is empty"), InvalidRequestError),
-          (WorkerError("RuntimeError: engine dead"), WorkerFailedError),
-          (RuntimeError("boom"), WorkerFailedError)]
+# (what the worker raises, what the router sees, its message after "w failed: ")
+ERRORS = [(InvalidRequestError("prompt is empty"), InvalidRequestError, ""),
+          (WorkerError("RuntimeError: engine dead"), WorkerFailedError, "RuntimeError: engine dead"),
+          (RuntimeError("boom\nmore"), WorkerFailedError, "RuntimeError: boom")]
 
 
-@pytest.mark.parametrize("raised,seen", ERRORS, ids=["invalid", "worker_error", "other"])
-def test_errors_cross_as_pdserve_errors(raised, seen):
+@pytest.mark.parametrize("raised,seen,message", ERRORS, ids=["invalid", "worker_error", "other"])
+def test_errors_cross_as_pdserve_errors(raised, seen, message):
     async def test():
         async with Setup() as s:
             s.worker.fail = raised
             with pytest.raises(seen) as info:
                 await s.calls.prefill(s.ref, "e-3", [1], SPEC, False)
-            assert type(info.value) is seen and str(raised) in str(info.value)
+            assert type(info.value) is seen
+            assert str(info.value) == (str(raised) if seen is InvalidRequestError else f"w failed: {message}")
             with pytest.raises(seen):
                 [c async for c in s.calls.decode(s.ref, "e-4", [1], 2, SPEC, None)]
     run(test)

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from pdserve.base.types import DecodeChunk, InvalidRequestError, PrefillResult, SamplingSpec
+from pdserve.base.types import DecodeChunk, InvalidRequestError, PrefillResult, SamplingSpec, WorkerError
 from protos import worker_v1_pb2 as pb
 from protos import worker_v1_pb2_grpc as pb_grpc
 
@@ -84,10 +84,8 @@ class DirectServer(pb_grpc.WorkerServicer):
     async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
             return await call()
-        except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except Exception as err:  # the worker's own errors are one line already (own_errors)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        except Exception as err:
+            await context.abort(*_status(err))
 
     @staticmethod
     async def _chunks(context: grpc.aio.ServicerContext, stream: AsyncIterator[DecodeChunk]) -> AsyncIterator[pb.Chunk]:
@@ -97,15 +95,22 @@ class DirectServer(pb_grpc.WorkerServicer):
             async for chunk in stream:
                 yield pb.Chunk(token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or "",
                                kv_report_json=json.dumps(chunk.kv) if chunk.kv else "")
-        except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Exception as err:
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}".splitlines()[0][:500])
+            await context.abort(*_status(err))
 
     async def stop(self) -> None:
         """Stop serving (bounded grace for calls in flight)."""
         if self._server is not None:
             await self._server.stop(1.0)
+
+
+def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a call ends with for the worker's error (its own errors are one line already)."""
+    if isinstance(err, InvalidRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, WorkerError):
+        return grpc.StatusCode.INTERNAL, str(err)
+    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}".splitlines()[0][:500]
 
 
 def sampling_spec(wire: pb.Sampling) -> SamplingSpec:

@@ -33,6 +33,7 @@ class GrpcCalls(WorkerCalls):
         self._snapshot = snapshot
         self._ray = RayCalls()
         self._channels: dict[str, tuple[str, grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
+        self._closing: set[asyncio.Future] = set()
 
     def prefill(self, worker: Any, engine_id: str, ids: list[int], spec: SamplingSpec,
                 remote_decode: bool) -> Any:
@@ -40,7 +41,7 @@ class GrpcCalls(WorkerCalls):
         if stub is None:
             return self._ray.prefill(worker, engine_id, ids, spec, remote_decode)
         call = pb.PrefillCall(engine_id=engine_id, prompt_ids=ids, sampling=_sampling(spec), remote_decode=remote_decode)
-        return GrpcAnswer(worker.name, asyncio.ensure_future(_unary(worker.name, stub.Prefill(call, metadata=meta))))
+        return GrpcAnswer(worker.name, asyncio.ensure_future(_prefill(worker.name, stub.Prefill(call, metadata=meta))))
 
     def generate(self, worker: Any, engine_id: str, ids: list[int], spec: SamplingSpec) -> AsyncIterator[DecodeChunk]:
         stub, meta = self._stub(worker.name)
@@ -76,8 +77,10 @@ class GrpcCalls(WorkerCalls):
         key = f"{snap.endpoint}/{snap.endpoint_token}"
         known = self._channels.get(name)
         if known is None or known[0] != key:
-            if known is not None:
-                asyncio.ensure_future(known[1].close(grace=30.0))  # calls still on the old one may end
+            if known is not None:  # calls still on the old incarnation's channel may end
+                closing = asyncio.ensure_future(known[1].close(grace=30.0))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
             channel = grpc.aio.insecure_channel(snap.endpoint, options=options)
@@ -98,15 +101,17 @@ class GrpcAnswer:
 
 async def _unary(name: str, call: Any) -> Any:
     try:
-        reply = await call
+        return await call
     except grpc.aio.AioRpcError as err:
         raise _own(name, err) from None
-    if isinstance(reply, pb.PrefillReply):
-        return PrefillResult(token_id=reply.token_id, text=reply.text, finish_reason=reply.finish_reason or None,
-                             kv_params=json.loads(reply.kv_params_json) if reply.kv_params_json else None,
-                             num_prompt_tokens=reply.num_prompt_tokens, num_cached_tokens=reply.num_cached_tokens,
-                             prefill_ms=reply.prefill_ms)
-    return None
+
+
+async def _prefill(name: str, call: Any) -> PrefillResult:
+    reply = await _unary(name, call)
+    return PrefillResult(token_id=reply.token_id, text=reply.text, finish_reason=reply.finish_reason or None,
+                         kv_params=json.loads(reply.kv_params_json) if reply.kv_params_json else None,
+                         num_prompt_tokens=reply.num_prompt_tokens, num_cached_tokens=reply.num_cached_tokens,
+                         prefill_ms=reply.prefill_ms)
 
 
 async def _chunks(name: str, call: Any) -> AsyncIterator[DecodeChunk]:
