@@ -219,7 +219,7 @@ class Dispatcher:
             admitted = False
             legs.prefill_id = attempt_id(req.request_id)
             legs.prefill_ref = self.calls.prefill(legs.prefill, legs.prefill_id, ids, req.sampling,
-                                                           route.max_tokens > 1)
+                                                  route.max_tokens > 1)
             try:
                 result = await await_worker(self.prefill, legs.prefill, legs.prefill_ref)
             except WorkerFailedError as err:

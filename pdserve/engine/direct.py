@@ -14,14 +14,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from pdserve.base.net import WORKER_CHANNEL_OPTIONS, WORKER_TOKEN_KEY
 from pdserve.base.types import DecodeChunk, InvalidRequestError, PrefillResult, SamplingSpec, WorkerError
 from protos import worker_v1_pb2 as pb
 from protos import worker_v1_pb2_grpc as pb_grpc
-
-TOKEN_KEY = "x-pdserve-worker-token"
-"""The metadata key of the worker incarnation's token."""
-MAX_MESSAGE_BYTES = 64 << 20
-"""The largest call or reply (a prompt of millions of tokens fits)."""
 
 
 class DirectServer(pb_grpc.WorkerServicer):
@@ -38,9 +34,7 @@ class DirectServer(pb_grpc.WorkerServicer):
     async def start(self) -> str:
         """Bind a fresh port on ``host`` (no SO_REUSEPORT: a collision fails instead of sharing)
         and serve; returns the endpoint. Called once, on the actor's event loop."""
-        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *WORKER_CHANNEL_OPTIONS])
         pb_grpc.add_WorkerServicer_to_server(self, server)
         port = server.add_insecure_port(f"{self.host}:0")
         await server.start()
@@ -76,7 +70,7 @@ class DirectServer(pb_grpc.WorkerServicer):
         return pb.AbortReply()
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
-        presented = dict(context.invocation_metadata() or ()).get(TOKEN_KEY, "")
+        presented = dict(context.invocation_metadata() or ()).get(WORKER_TOKEN_KEY, "")
         if not secrets.compare_digest(presented.encode(), self.token.encode()):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this worker's token is required")
 

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable, Generator
 
 import grpc
 
+from pdserve.base.net import WORKER_CHANNEL_OPTIONS, WORKER_TOKEN_KEY
 from pdserve.base.types import DecodeChunk, InvalidRequestError, LoadSnapshot, PrefillResult, SamplingSpec
 from protos import worker_v1_pb2 as pb
 from protos import worker_v1_pb2_grpc as pb_grpc
@@ -20,9 +21,6 @@ from router.calls.base import WorkerCalls
 from router.calls.ray_calls import RayCalls
 from router.legs import WorkerFailedError, WorkerUnreachableError
 
-TOKEN_KEY = "x-pdserve-worker-token"
-"""The metadata key of the worker's token (``pdserve.engine.direct.TOKEN_KEY``)."""
-MAX_MESSAGE_BYTES = 64 << 20
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -41,7 +39,7 @@ class GrpcCalls(WorkerCalls):
         if stub is None:
             return self._ray.prefill(worker, engine_id, ids, spec, remote_decode)
         call = pb.PrefillCall(engine_id=engine_id, prompt_ids=ids, sampling=_sampling(spec), remote_decode=remote_decode)
-        return GrpcAnswer(worker.name, asyncio.ensure_future(_prefill(worker.name, stub.Prefill(call, metadata=meta))))
+        return GrpcAnswer(asyncio.ensure_future(_prefill(worker.name, stub.Prefill(call, metadata=meta))))
 
     def generate(self, worker: Any, engine_id: str, ids: list[int], spec: SamplingSpec) -> AsyncIterator[DecodeChunk]:
         stub, meta = self._stub(worker.name)
@@ -81,18 +79,16 @@ class GrpcCalls(WorkerCalls):
                 closing = asyncio.ensure_future(known[1].close(grace=30.0))
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
-            options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-            channel = grpc.aio.insecure_channel(snap.endpoint, options=options)
+            channel = grpc.aio.insecure_channel(snap.endpoint, options=WORKER_CHANNEL_OPTIONS)
             known = self._channels[name] = (key, channel, pb_grpc.WorkerStub(channel))
-        return known[2], ((TOKEN_KEY, snap.endpoint_token),)
+        return known[2], ((WORKER_TOKEN_KEY, snap.endpoint_token),)
 
 
 class GrpcAnswer:
     """A unary call's answer, awaitable any number of times; leaving an await leaves it running."""
 
-    def __init__(self, name: str, task: asyncio.Future) -> None:
-        self.name, self.task = name, task
+    def __init__(self, task: asyncio.Future) -> None:
+        self.task = task
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, even if never awaited
 
     def __await__(self) -> Generator[Any, None, PrefillResult]:
