@@ -41,13 +41,19 @@ def worker_process_env(cpu_core: int | None, kv_cache_gib: int) -> dict[str, str
 
     One compute thread per worker (two busy 2-thread processes on 2 cores ran 3.6x slower), the
     vLLM CPU backend bound to ``cpu_core`` when given, and the CPU KV-cache size in GiB.
+
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` makes the engine-core process run the model itself (vLLM's
+    single-process executor; the engine core stays a process of its own). With it on, vLLM's CPU
+    backend adds a worker process, and the two spin on a shared-memory queue for a second after
+    every message: measured here, twice the CPU time for the same tokens (docs/performance.md).
+    Engines have one device each (no tensor parallelism), so nothing needs the extra process.
     """
     env = {
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     if cpu_core is not None:
