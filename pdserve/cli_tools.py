@@ -16,7 +16,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="load-test a running pdserve over its gRPC API")
     bench.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (gRPC) or http://HOST:PORT (OpenAI API)")
     bench.add_argument("--workload", choices=["sharegpt", "azure-code", "azure-conv", "mooncake"], default="sharegpt")
-    bench.add_argument("--requests", type=int, default=40)
+    bench.add_argument("--requests", type=int, default=40, help="per rate; each rate gets requests of its own")
     bench.add_argument("--arrival", choices=["poisson", "trace", "concurrency"], default="poisson")
     bench.add_argument("--rate", type=float, default=1.0, help="req/s (poisson) or time-scale factor (trace)")
     bench.add_argument("--sweep", help="comma-separated rates to run one after another")
@@ -120,9 +120,9 @@ def _bench(args: argparse.Namespace) -> int:
     for spec in args.slo or DEFAULT_SLOS:
         name, ttft, tpot = spec.split(":")
         slos.append(Slo(name, float(ttft), float(tpot)))
-    requests = workloads.load(args.workload, args.requests, args.seed, args.max_output, args.input_scale,
-                              args.output_scale, args.max_prompt)
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.rate]
+    requests = workloads.load(args.workload, report.fresh_pool_size(args.requests, len(rates), args.warmup), args.seed,
+                              args.max_output, args.input_scale, args.output_scale, args.max_prompt)
     results = report.sweep(args.target, requests, rates, slos, args.label, args.arrival, args.concurrency, args.seed,
                            args.timeout, args.warmup)
     results.update(workload=args.workload, input_scale=args.input_scale, output_scale=args.output_scale, seed=args.seed)

@@ -55,6 +55,32 @@ def test_poisson_arrivals_are_seeded_and_average_the_rate():
     assert runner.arrival_times(trace, "trace", 0.0, 2.0, 0) == [0.0, 1.0, 3.0]
 
 
+@pytest.mark.parametrize("pool,rates,warmup,sent", [
+    (10, [1.0, 2.0, 4.0], 1, [[0], [1, 2, 3], [4, 5, 6], [7, 8, 9]]),
+    (7, [1.0, 2.0], 0, [[0, 1, 2], [3, 4, 5]]),        # the remainder is not sent
+    (4, [2.0], 3, [[0, 1, 2], [3]]),
+])
+def test_sweep_never_sends_a_request_twice(monkeypatch, pool, rates, warmup, sent):
+    """Every rate gets requests of its own: a resent prompt would be a prefix-cache hit."""
+    calls = []
+
+    async def record(target, requests, *args, **kwargs):
+        calls.append([r.max_tokens for r in requests])
+        return [RequestTiming(True, ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, prompt_tokens=4, output_tokens=2)
+                for _ in requests], 1.0
+
+    monkeypatch.setattr(runner, "run", record)
+    reqs = [workloads.BenchRequest(i) for i in range(pool)]
+    results = report.sweep("unused:0", reqs, rates, SLOS, "t", "poisson", 1, seed=0, timeout_s=1, warmup=warmup)
+    assert calls == sent and results["requests_per_rate"] == len(sent[-1])
+    assert report.fresh_pool_size(len(sent[-1]), len(rates), warmup) <= pool
+
+
+def test_sweep_refuses_a_pool_too_small_for_its_rates():
+    with pytest.raises(ValueError, match="one per rate"):
+        report.sweep("unused:0", [workloads.BenchRequest(1)] * 2, [1.0, 2.0], SLOS, "t", "poisson", 1, 0, 1, warmup=1)
+
+
 @pytest.mark.skipif(not workloads.exists("mooncake"), reason="../shared/traces not present")
 def test_mooncake_workload_shares_real_token_blocks():
     reqs = workloads.load("mooncake", 30, seed=0, max_output=16, input_scale=0.02, output_scale=0.1, max_prompt=1536)

@@ -21,23 +21,36 @@ from pdserve.client import PdServeClient, build_request
 def sweep(target: str, requests: Sequence[BenchRequest], rates: Sequence[float], slos: Sequence[Slo],
           label: str, arrival: str, concurrency: int, seed: int, timeout_s: float, warmup: int = 0) -> dict:
     """One run per rate (or one run for concurrency arrivals); results with max goodput per SLO.
-    ``warmup`` requests are sent one at a time first and not recorded (first requests of a fresh
-    engine pay one-time costs)."""
+
+    ``requests`` is the pool (``fresh_pool_size`` long): ``warmup`` requests first, sent one at a
+    time and not recorded (first requests of a fresh engine pay one-time costs), then one equal
+    slice per rate. No request is sent twice, so the engines' prefix caches cannot turn a later
+    rate's prefills into cache hits (as they did when every rate resent the same prompts)."""
+    per_rate = (len(requests) - warmup) // len(rates)
+    if per_rate < 1:
+        raise ValueError(f"{len(requests)} requests cannot give {warmup} warm-up and one per rate to {len(rates)} rates")
     if warmup:
         asyncio.run(runner.run(target, list(requests[:warmup]), "concurrency", concurrency=1, timeout_s=timeout_s,
                                progress=False))
     runs = []
-    for setting in rates:  # a rate (poisson), a time-scale factor (trace); ignored for concurrency
-        offsets = runner.arrival_times(requests, arrival, setting, setting, seed)
-        timings, duration = asyncio.run(runner.run(target, requests, arrival, setting, concurrency, setting, timeout_s, seed))
+    for i, setting in enumerate(rates):  # a rate (poisson), a time-scale factor (trace); ignored for concurrency
+        batch = list(requests[warmup + i * per_rate:warmup + (i + 1) * per_rate])
+        offsets = runner.arrival_times(batch, arrival, setting, setting, seed)
+        timings, duration = asyncio.run(runner.run(target, batch, arrival, setting, concurrency, setting, timeout_s, seed))
         summary = summarize(timings, duration, slos)
-        offered = (len(requests) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]
+        offered = (len(batch) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]
         runs.append({"setting": setting, "rate_rps": round(offered, 4), "summary": summary,
                      "requests": [asdict(t) for t in timings]})
     max_goodput = {s.name: max_goodput_rate([(r["rate_rps"], r["summary"]["slo"][s.name]["attainment"]) for r in runs])
                    for s in slos}
     return {"label": label, "target": target, "arrival": arrival, "slos": [asdict(s) for s in slos],
-            "warmup_requests": warmup, "runs": runs, "max_goodput_rps": max_goodput}
+            "warmup_requests": warmup, "requests_per_rate": per_rate,
+            "runs": runs, "max_goodput_rps": max_goodput}
+
+
+def fresh_pool_size(per_rate: int, rates: int, warmup: int) -> int:
+    """Requests ``sweep`` needs so that every rate, and the warm-up, gets prompts of its own."""
+    return warmup + per_rate * rates
 
 
 def write(results: dict, out: Path) -> None:
