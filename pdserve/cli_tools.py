@@ -48,6 +48,8 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     chaos.set_defaults(func=_chaos)
     cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
     cmp_.add_argument("files", nargs="+"), cmp_.add_argument("--out", default="results/bench/compare.png")
+    cmp_.add_argument("--slo", action="append", metavar="NAME:TTFT_S:TPOT_S",
+                      help="score the recorded requests with these SLO sets instead of the files' own")
     cmp_.set_defaults(func=_bench_compare)
 
 
@@ -104,7 +106,6 @@ def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pdserve.bench import report, workloads
-    from pdserve.bench.stats import Slo
 
     out = Path(args.out)
     if args.overheads:
@@ -116,10 +117,7 @@ def _bench(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["per_length"], indent=1))
         return 0
-    slos = []
-    for spec in args.slo or DEFAULT_SLOS:
-        name, ttft, tpot = spec.split(":")
-        slos.append(Slo(name, float(ttft), float(tpot)))
+    slos = _slos(args.slo or DEFAULT_SLOS)
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.rate]
     requests = workloads.load(args.workload, report.fresh_pool_size(args.requests, len(rates), args.warmup), args.seed,
                               args.max_output, args.input_scale, args.output_scale, args.max_prompt)
@@ -136,11 +134,26 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slos(specs: list[str]) -> list:
+    from pdserve.bench.stats import Slo
+
+    slos = []
+    for spec in specs:
+        name, ttft, tpot = spec.split(":")
+        slos.append(Slo(name, float(ttft), float(tpot)))
+    return slos
+
+
 def _bench_compare(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
-    from pdserve.bench import report
+    from pdserve.bench import report, rescore
 
-    report.compare([Path(f) for f in args.files], Path(args.out))
+    results = [json.loads(Path(f).read_text()) for f in args.files]
+    if args.slo:
+        results = [rescore.rescore(r, _slos(args.slo)) for r in results]
+    report.plot_attainment(results, Path(args.out))
+    print(rescore.table(results))
     print(f"wrote {args.out}")
     return 0

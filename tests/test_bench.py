@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 
 import pytest
 
-from pdserve.bench import report, runner, workloads
+from pdserve.bench import report, rescore, runner, workloads
 from pdserve.bench.stats import RequestTiming, Slo, max_goodput_rate, summarize
 
 TIMINGS = [
@@ -45,6 +46,27 @@ def test_summary_is_exact(path, value):
 ])
 def test_max_goodput_rate(points, expected):
     assert max_goodput_rate(points) == expected
+
+
+@pytest.mark.parametrize("points,expected", [
+    ([(0.5, 1.0), (1.0, 0.95), (2.0, 0.7)], 1.0),
+    ([(0.5, 0.9), (1.0, 0.5), (2.0, 0.91)], 0.5),   # a pass above a failed rate does not count
+    ([(2.0, 0.95), (0.5, 0.8)], 0.0),               # sorted by rate: the lowest failed
+    ([], 0.0),
+])
+def test_sustained_goodput(points, expected):
+    assert rescore.sustained_goodput(points) == expected
+
+
+def test_rescore_applies_other_slos_to_the_recorded_requests():
+    runs = [{"rate_rps": rate, "summary": summarize(TIMINGS, 10.0, SLOS), "requests": [asdict(t) for t in TIMINGS]}
+            for rate in (1.0, 2.0)]
+    result = {"label": "x", "slos": [asdict(s) for s in SLOS], "runs": runs, "max_goodput_rps": {}}
+    lax = rescore.rescore(result, [Slo("lax", ttft_s=1.5, tpot_s=0.2)])
+    assert [r["summary"]["slo"]["lax"]["attainment"] for r in lax["runs"]] == [0.8, 0.8]   # all but the failed one
+    assert lax["runs"][0]["summary"]["slo"]["lax"]["goodput_rps"] == pytest.approx(0.4)
+    assert lax["max_goodput_rps"] == {"lax": 0.0} and "tight" in result["runs"][0]["summary"]["slo"]
+    assert rescore.table([lax]).splitlines()[-1] == "| goodput lax, sustained / highest (req/s) | 0 / 0 |"
 
 
 def test_poisson_arrivals_are_seeded_and_average_the_rate():

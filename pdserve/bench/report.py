@@ -72,8 +72,12 @@ def write(results: dict, out: Path) -> None:
 
 
 def compare(files: Sequence[Path], out: Path) -> None:
+    """Attainment vs. rate of several deployments' result files, one panel per SLO set."""
+    plot_attainment([json.loads(Path(f).read_text()) for f in files], out)
+
+
+def plot_attainment(data: Sequence[dict], out: Path) -> None:
     """Attainment vs. rate of several deployments' results, one panel per SLO set."""
-    data = [json.loads(Path(f).read_text()) for f in files]
     slos = [s["name"] for s in data[0]["slos"]]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(slos), figsize=(5 * len(slos), 4), squeeze=False)
