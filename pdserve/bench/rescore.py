@@ -37,13 +37,18 @@ def sustained_goodput(points: Sequence[tuple[float, float]], target: float = TAR
 
 def table(results: Sequence[dict]) -> str:
     """Markdown: attainment (%) per offered rate, one column per file with its SLO sets joined by
-    ' / ', then each file's goodput per SLO set, sustained and highest passing."""
+    ' / ', then each file's goodput per SLO set, sustained and highest passing. Rows follow the
+    file with the most rates (the sweeps are assumed to share their rates); '-' where a file has
+    fewer."""
     names = [s["name"] for s in results[0]["slos"]]
-    lines = ["| offered rate | " + " | ".join(r["label"] for r in results) + " |",
+    labels = [r["label"] for r in results]
+    labels = [f"{l} ({labels[:i].count(l) + 1})" if labels.count(l) > 1 else l for i, l in enumerate(labels)]
+    lines = ["| offered rate | " + " | ".join(labels) + " |",
              "|---:|" + "---|" * len(results)]
-    for i, run in enumerate(results[0]["runs"]):
+    longest = max(results, key=lambda r: len(r["runs"]))
+    for i, run in enumerate(longest["runs"]):
         cells = [" / ".join(f"{r['runs'][i]['summary']['slo'][n]['attainment'] * 100:.0f}" for n in names)
-                 for r in results]
+                 if i < len(r["runs"]) else "-" for r in results]
         lines.append(f"| {run['rate_rps']:.3g} req/s | " + " | ".join(cells) + " |")
     for n in names:
         cells = [f"{sustained_goodput(_points(r, n)):.3g} / {max_goodput_rate(_points(r, n), TARGET):.3g}"
