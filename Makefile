@@ -66,9 +66,11 @@ plan-study: setup
 	$(PLAN) $(CPU_PLAN) --ttft-slo-s 0.25 --tpot-slo-s 0.5 --out docs/results/plan-cpu-ttft-tight
 	$(PLAN) $(CPU_PLAN) --ttft-slo-s 10 --tpot-slo-s 0.1 --out docs/results/plan-cpu-tpot-tight
 	$(PLAN) $(CPU_PLAN) --ttft-slo-s 0.25 --tpot-slo-s 0.1 --out docs/results/plan-cpu-both-tight
+	$(PLAN) $(CPU_PLAN) --ttft-slo-s 1 --tpot-slo-s 0.5 --out docs/results/plan-cpu-ttft-1s
 	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 0.25 --tpot-slo-s 0.5 --out docs/results/plan-cpu-today-ttft-tight
 	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 10 --tpot-slo-s 0.1 --out docs/results/plan-cpu-today-tpot-tight
 	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 0.25 --tpot-slo-s 0.1 --out docs/results/plan-cpu-today-both-tight
+	$(PLAN) $(CPU_PLAN) $(CPU_TODAY) --ttft-slo-s 1 --tpot-slo-s 0.5 --out docs/results/plan-cpu-today-ttft-1s
 	$(PLAN) $(OPT_PLAN) --gpus 3 --tp 1,2 --colocated-schedule prefill_first --out docs/results/plan-opt13b-3gpu
 	$(PLAN) $(OPT_PLAN) --gpus 8 --tp 1,2,4 --colocated-schedule prefill_first --out docs/results/plan-opt13b-8gpu
 	$(PLAN) $(OPT_PLAN) --gpus 8 --tp 1,2,4 --colocated-schedule mixed --out docs/results/plan-opt13b-8gpu-mixed
