@@ -12,7 +12,11 @@ The router feeds it every finished request that carries an SLO (``on_request``) 
   ``decode`` goes back to ``both``; else one in ``both`` becomes ``prefill``, so its prompts stop
   waiting behind decode steps there.
 - TPOT attainment short while TTFT meets it: the mirror image (``prefill`` back to ``both``, else a
-  ``both`` becomes ``decode``, so no prompt stalls its decodes).
+  ``both`` becomes ``decode``, so no prompt stalls its decodes). The last ``both`` engine
+  completes the split: ``prefill`` beside decode engines (the decodes it kept were the ones its
+  prefills stalled), else ``decode``.
+- A change is never undone for the reason it was made (a ``prefill`` made because TPOT was short
+  does not go back to ``both`` because TPOT is short), so the roles do not oscillate.
 - Both short (overload) or both met: no change.
 At least one engine always takes prompts and one decodes. After a change the window starts again,
 and no change comes within ``cooldown_s``. Pure: load and time are passed in.
@@ -49,6 +53,8 @@ class RoleBalancer:
         self.target, self.cooldown_s = target, cooldown_s
         self._window: deque[tuple[bool, bool]] = deque(maxlen=window)
         self._last_change = float("-inf")
+        self._why: dict[str, str] = {}
+        """The reason each engine outside ``both`` was moved."""
 
     def takes_prompts(self, name: str) -> bool:
         """Whether admission may send this engine a prompt (the prefill pool's filter)."""
@@ -81,20 +87,25 @@ class RoleBalancer:
             return None
         if change is not None:
             self.roles[change.instance] = change.new
+            self._why[change.instance] = change.reason
             self._window.clear()
             self._last_change = now
         return change
 
     def _shift(self, loads: Sequence[LoadSnapshot], undo: str, to: str, reason: str,
                attainment: float) -> RoleChange | None:
-        """Give the short phase an engine: undo a specialisation for the other phase first, else
-        specialise a ``both`` engine while another ``both`` remains (one engine of each phase):
-        for decode the one decoding most, for prefill the one decoding least."""
+        """Give the short phase an engine: undo a specialisation made for the other phase first,
+        else specialise a ``both`` engine while another ``both`` remains (one engine of each
+        phase): for decode the one decoding most, for prefill the one decoding least; for decode,
+        the last ``both`` engine completes the split."""
         live = sorted((s for s in loads if s.alive and s.instance in self.roles), key=lambda s: (s.running, s.instance))
         for s in live:
-            if self.roles[s.instance] == undo:
+            if self.roles[s.instance] == undo and self._why.get(s.instance) != reason:
                 return RoleChange(s.instance, undo, BOTH, reason, attainment)
         both = [s for s in live if self.roles[s.instance] == BOTH]
-        if len(both) < 2:
-            return None
-        return RoleChange((both[-1] if to == DECODE else both[0]).instance, BOTH, to, reason, attainment)
+        if len(both) >= 2:
+            return RoleChange((both[-1] if to == DECODE else both[0]).instance, BOTH, to, reason, attainment)
+        if to == DECODE and len(both) == 1 and len(live) > 1:  # the last mixed engine completes the split
+            new = PREFILL if any(self.roles[s.instance] == DECODE for s in live) else DECODE
+            return RoleChange(both[0].instance, BOTH, new, reason, attainment)
+        return None

@@ -29,7 +29,8 @@ def fed(balancer: RoleBalancer, ttft_ok: int, tpot_ok: int, n: int = 4) -> RoleB
     ({}, 2, 4, ("e0", "both", "prefill", "ttft_short", 0.5)),     # the engine decoding least
     ({"e2": "prefill"}, 4, 2, ("e2", "prefill", "both", "tpot_short", 0.5)),  # undo first
     ({"e1": "decode"}, 2, 4, ("e1", "decode", "both", "ttft_short", 0.5)),
-    ({"e0": "decode", "e1": "decode"}, 4, 2, None),               # the last engine taking prompts stays
+    ({"e0": "decode", "e1": "decode"}, 4, 2, ("e2", "both", "prefill", "tpot_short", 0.5)),  # completes the split
+    ({"e0": "decode", "e1": "decode"}, 2, 4, ("e0", "decode", "both", "ttft_short", 0.5)),
 ])
 def test_role_changes(roles, ttft_ok, tpot_ok, change):
     balancer = RoleBalancer(["e0", "e1", "e2"], window=4, cooldown_s=0.0)
@@ -38,6 +39,22 @@ def test_role_changes(roles, ttft_ok, tpot_ok, change):
     assert (got and (got.instance, got.old, got.new, got.reason, got.attainment)) == change
     if got:
         assert balancer.roles[got.instance] == got.new
+
+
+@pytest.mark.parametrize("start,steps", [
+    ({}, [("tpot", ("e1", "both", "decode")), ("tpot", ("e0", "both", "prefill")), ("tpot", None),
+          ("ttft", ("e1", "decode", "both")), ("ttft", None)]),
+    ({"e0": "prefill"}, [("tpot", ("e0", "prefill", "both")), ("tpot", ("e1", "both", "decode")),
+                         ("tpot", ("e0", "both", "prefill")), ("tpot", None)]),
+])
+def test_tpot_short_ends_at_the_fixed_split_and_does_not_oscillate(start, steps):
+    """Two engines: TPOT short moves them to one prefill and one decode engine and no further; a
+    role is never undone for the reason that made it."""
+    balancer = RoleBalancer(["e0", "e1"], window=4, cooldown_s=0.0)
+    balancer.roles.update(start)
+    for short, change in steps:
+        got = fed(balancer, 4 if short == "tpot" else 2, 2 if short == "tpot" else 4).rebalance(LOADS[:2], now=100.0)
+        assert (got and (got.instance, got.old, got.new)) == change
 
 
 def test_a_change_waits_for_a_full_window_and_the_cooldown():
