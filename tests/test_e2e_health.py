@@ -37,6 +37,16 @@ def test_unknown_service_is_not_found(router):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_engines_run_the_model_in_their_core_process(cluster):
+    """No engine has vLLM's separate worker process, whose shared-memory reader spins for a second
+    after every step (docs/performance.md, "vLLM's executor")."""
+    import psutil
+
+    for name, pid in cluster.pids().items():
+        kids = [p.name() for p in psutil.Process(pid).children(recursive=True)]
+        assert "VLLM::EngineCore" in kids and "VLLM::Worker" not in kids, (name, kids)
+
+
 def test_a_dead_pool_is_not_serving(cluster):
     router = start_router(cluster.prefill, [], cluster.model_info, metrics=False)
     try:
