@@ -54,7 +54,7 @@ class RoleBalancer:
         self._window: deque[tuple[bool, bool]] = deque(maxlen=window)
         self._last_change = float("-inf")
         self._why: dict[str, str] = {}
-        """The reason each engine outside ``both`` was moved."""
+        """The reason of each engine's last change: a role is not undone for the reason that made it."""
 
     def takes_prompts(self, name: str) -> bool:
         """Whether admission may send this engine a prompt (the prefill pool's filter)."""

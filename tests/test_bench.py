@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from pdserve.bench import report, rescore, runner, workloads
-from pdserve.bench.stats import RequestTiming, Slo, max_goodput_rate, summarize
+from pdserve.bench.stats import RequestTiming, Slo, max_goodput_rate, summarize, sustained_goodput
 
 TIMINGS = [
     RequestTiming(True, ttft_s=0.2, tpot_s=0.05, e2e_s=1.0, prompt_tokens=10, output_tokens=17),
@@ -55,7 +55,7 @@ def test_max_goodput_rate(points, expected):
     ([], 0.0),
 ])
 def test_sustained_goodput(points, expected):
-    assert rescore.sustained_goodput(points) == expected
+    assert sustained_goodput(points) == expected
 
 
 def test_rescore_applies_other_slos_to_the_recorded_requests():

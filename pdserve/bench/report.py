@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pdserve.bench import runner
-from pdserve.bench.stats import Slo, max_goodput_rate, summarize
+from pdserve.bench.stats import GOODPUT_ATTAINMENT, Slo, attainment_points, max_goodput_rate, summarize
 from pdserve.bench.workloads import BenchRequest
 from pdserve.client import PdServeClient, build_request
 
@@ -41,11 +41,10 @@ def sweep(target: str, requests: Sequence[BenchRequest], rates: Sequence[float],
         offered = (len(batch) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]
         runs.append({"setting": setting, "rate_rps": round(offered, 4), "summary": summary,
                      "requests": [asdict(t) for t in timings]})
-    max_goodput = {s.name: max_goodput_rate([(r["rate_rps"], r["summary"]["slo"][s.name]["attainment"]) for r in runs])
-                   for s in slos}
-    return {"label": label, "target": target, "arrival": arrival, "slos": [asdict(s) for s in slos],
-            "warmup_requests": warmup, "requests_per_rate": per_rate,
-            "runs": runs, "max_goodput_rps": max_goodput}
+    results = {"label": label, "target": target, "arrival": arrival, "slos": [asdict(s) for s in slos],
+               "warmup_requests": warmup, "requests_per_rate": per_rate, "runs": runs}
+    results["max_goodput_rps"] = {s.name: max_goodput_rate(attainment_points(results, s.name)) for s in slos}
+    return results
 
 
 def fresh_pool_size(per_rate: int, rates: int, warmup: int) -> int:
@@ -83,9 +82,9 @@ def plot_attainment(data: Sequence[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(slos), figsize=(5 * len(slos), 4), squeeze=False)
     for ax, slo in zip(axes[0], slos):
         for d in data:
-            pts = [(r["rate_rps"], r["summary"]["slo"][slo]["attainment"]) for r in d["runs"]]
-            ax.plot(*zip(*pts), marker="o", label=f"{d['label']} (max goodput {d['max_goodput_rps'][slo]:g} req/s)")
-        ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+            ax.plot(*zip(*attainment_points(d, slo)), marker="o",
+                    label=f"{d['label']} (max goodput {d['max_goodput_rps'][slo]:g} req/s)")
+        ax.axhline(GOODPUT_ATTAINMENT, color="grey", ls="--", lw=0.8)
         ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", title=slo, ylim=(0, 1.05))
         ax.legend(fontsize=8)
     fig.tight_layout()

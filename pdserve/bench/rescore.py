@@ -4,35 +4,22 @@ Called by ``pdserve bench-compare --slo``."""
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from typing import Sequence
 
-from pdserve.bench.stats import RequestTiming, Slo, max_goodput_rate
-
-TARGET = 0.9
-"""The attainment a rate must reach to count toward goodput (DistServe's 90%)."""
+from pdserve.bench.stats import (RequestTiming, Slo, attainment_points, max_goodput_rate, slo_summary,
+                                 sustained_goodput)
 
 
 def rescore(result: dict, slos: Sequence[Slo]) -> dict:
     """A copy of ``result`` whose per-run SLO attainment and goodput use ``slos`` instead."""
     out = copy.deepcopy(result)
-    out["slos"] = [{"name": s.name, "ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for s in slos]
+    out["slos"] = [asdict(s) for s in slos]
     for run in out["runs"]:
         timings = [RequestTiming(**r) for r in run["requests"]]
-        duration = run["summary"]["duration_s"]
-        run["summary"]["slo"] = {s.name: _scored(s, timings, duration) for s in slos}
-    out["max_goodput_rps"] = {s.name: max_goodput_rate(_points(out, s.name), TARGET) for s in slos}
+        run["summary"]["slo"] = {s.name: slo_summary(s, timings, run["summary"]["duration_s"]) for s in slos}
+    out["max_goodput_rps"] = {s.name: max_goodput_rate(attainment_points(out, s.name)) for s in slos}
     return out
-
-
-def sustained_goodput(points: Sequence[tuple[float, float]], target: float = TARGET) -> float:
-    """The highest rate up to which every measured rate reached ``target`` (0.0 if the lowest did
-    not): unlike ``max_goodput_rate``, a pass above a failed rate does not count."""
-    best = 0.0
-    for rate, attainment in sorted(points):
-        if attainment < target:
-            break
-        best = rate
-    return best
 
 
 def table(results: Sequence[dict]) -> str:
@@ -51,18 +38,8 @@ def table(results: Sequence[dict]) -> str:
                  if i < len(r["runs"]) else "-" for r in results]
         lines.append(f"| {run['rate_rps']:.3g} req/s | " + " | ".join(cells) + " |")
     for n in names:
-        cells = [f"{sustained_goodput(_points(r, n)):.3g} / {max_goodput_rate(_points(r, n), TARGET):.3g}"
+        cells = [f"{sustained_goodput(attainment_points(r, n)):.3g} / {max_goodput_rate(attainment_points(r, n)):.3g}"
                  for r in results]
         lines.append(f"| goodput {n}, sustained / highest (req/s) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def _scored(slo: Slo, timings: Sequence[RequestTiming], duration_s: float) -> dict:
-    met = sum(slo.met(t) for t in timings)
-    return {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
-            "attainment": met / len(timings) if timings else 0.0,
-            "goodput_rps": met / duration_s if duration_s > 0 else 0.0}
-
-
-def _points(result: dict, name: str) -> list[tuple[float, float]]:
-    return [(r["rate_rps"], r["summary"]["slo"][name]["attainment"]) for r in result["runs"]]

@@ -52,12 +52,37 @@ def summarize(timings: Sequence[RequestTiming], duration_s: float, slos: Sequenc
         "ttft_s": distribution([t.ttft_s for t in ok if t.ttft_s is not None]),
         "tpot_s": distribution([t.tpot_s for t in ok if t.tpot_s is not None]),
         "e2e_s": distribution([t.e2e_s for t in ok if t.e2e_s is not None]),
-        "slo": {s.name: {**asdict(s), "attainment": sum(s.met(t) for t in timings) / len(timings) if timings else 0.0,
-                         "goodput_rps": sum(s.met(t) for t in timings) / duration_s if duration_s > 0 else 0.0}
-                for s in slos},
+        "slo": {s.name: slo_summary(s, timings, duration_s) for s in slos},
     }
 
 
-def max_goodput_rate(points: Sequence[tuple[float, float]], target: float = 0.9) -> float:
+def slo_summary(slo: Slo, timings: Sequence[RequestTiming], duration_s: float) -> dict:
+    """One SLO set over one run: its targets, the attainment and the goodput (met requests/s)."""
+    met = sum(slo.met(t) for t in timings)
+    return {**asdict(slo), "attainment": met / len(timings) if timings else 0.0,
+            "goodput_rps": met / duration_s if duration_s > 0 else 0.0}
+
+
+GOODPUT_ATTAINMENT = 0.9
+"""The attainment a rate must reach to count toward goodput (DistServe's 90%)."""
+
+
+def attainment_points(result: dict, name: str) -> list[tuple[float, float]]:
+    """(offered rate, attainment of SLO set ``name``) per run of a sweep's results."""
+    return [(r["rate_rps"], r["summary"]["slo"][name]["attainment"]) for r in result["runs"]]
+
+
+def sustained_goodput(points: Sequence[tuple[float, float]], target: float = GOODPUT_ATTAINMENT) -> float:
+    """The highest rate up to which every measured rate reached ``target`` (0.0 if the lowest did
+    not): unlike ``max_goodput_rate``, a pass above a failed rate does not count."""
+    best = 0.0
+    for rate, attainment in sorted(points):
+        if attainment < target:
+            break
+        best = rate
+    return best
+
+
+def max_goodput_rate(points: Sequence[tuple[float, float]], target: float = GOODPUT_ATTAINMENT) -> float:
     """The highest offered rate whose attainment reached ``target`` (0.0 if none did)."""
     return max((rate for rate, attainment in points if attainment >= target), default=0.0)
