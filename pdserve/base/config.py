@@ -5,7 +5,6 @@ are rejected with the path of the offending key.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +12,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+from pdserve.base.schema import ConfigError, from_dict, require  # noqa: F401 (ConfigError: callers catch config's)
 
 
 @dataclass(frozen=True)
@@ -48,12 +40,12 @@ class EngineConfig:
     """``auto``: one GPU per worker where Ray has GPUs, else one CPU core; or ``cpu``/``gpu``."""
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("bfloat16", "float32", "float16"), f"engine.dtype: unknown {self.dtype!r}")
-        _require(self.max_model_len >= 16, "engine.max_model_len must be >= 16")
-        _require(self.block_size in (16, 32, 64, 128), "engine.block_size must be 16, 32, 64 or 128")
-        _require(isinstance(self.kv_cache_gib, int) and self.kv_cache_gib >= 1, "engine.kv_cache_gib must be a whole number >= 1")
-        _require(self.max_num_seqs >= 1, "engine.max_num_seqs must be >= 1")
-        _require(self.device in ("auto", "cpu", "gpu"), f"engine.device: unknown {self.device!r}")
+        require(self.dtype in ("bfloat16", "float32", "float16"), f"engine.dtype: unknown {self.dtype!r}")
+        require(self.max_model_len >= 16, "engine.max_model_len must be >= 16")
+        require(self.block_size in (16, 32, 64, 128), "engine.block_size must be 16, 32, 64 or 128")
+        require(isinstance(self.kv_cache_gib, int) and self.kv_cache_gib >= 1, "engine.kv_cache_gib must be a whole number >= 1")
+        require(self.max_num_seqs >= 1, "engine.max_num_seqs must be >= 1")
+        require(self.device in ("auto", "cpu", "gpu"), f"engine.device: unknown {self.device!r}")
 
 
 KV_TRANSPORTS = ("tcp", "grpc", "gloo")
@@ -81,10 +73,10 @@ class KvTransferConfig:
     """Blocks per streamed chunk (each chunk is one layer's run of blocks)."""
 
     def __post_init__(self) -> None:
-        _require(self.transport in KV_TRANSPORTS, f"kv_transfer.transport must be one of {KV_TRANSPORTS}")
-        _require(self.lease_s > 0, "kv_transfer.lease_s must be > 0")
-        _require(self.load_timeout_s > 0, "kv_transfer.load_timeout_s must be > 0")
-        _require(self.chunk_blocks >= 1, "kv_transfer.chunk_blocks must be >= 1")
+        require(self.transport in KV_TRANSPORTS, f"kv_transfer.transport must be one of {KV_TRANSPORTS}")
+        require(self.lease_s > 0, "kv_transfer.lease_s must be > 0")
+        require(self.load_timeout_s > 0, "kv_transfer.load_timeout_s must be > 0")
+        require(self.chunk_blocks >= 1, "kv_transfer.chunk_blocks must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -112,11 +104,11 @@ class RoutingConfig:
     server, no Ray hop) or ``ray`` (Ray actor calls). Control calls always use Ray."""
 
     def __post_init__(self) -> None:
-        _require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")
-        _require(bool(self.latency_profile), "routing.latency_profile must name a profile or be auto")
-        _require(self.split_budget_s > 0, "routing.split_budget_s must be > 0")
-        _require(self.worker_calls in WORKER_CALLS, f"routing.worker_calls must be one of {WORKER_CALLS}")
-        _require(self.role_window >= 0 and self.role_cooldown_s >= 0,
+        require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")
+        require(bool(self.latency_profile), "routing.latency_profile must name a profile or be auto")
+        require(self.split_budget_s > 0, "routing.split_budget_s must be > 0")
+        require(self.worker_calls in WORKER_CALLS, f"routing.worker_calls must be one of {WORKER_CALLS}")
+        require(self.role_window >= 0 and self.role_cooldown_s >= 0,
                  "routing.role_window and routing.role_cooldown_s must be >= 0")
 
 
@@ -141,9 +133,9 @@ class AdmissionConfig:
     RESOURCE_EXHAUSTED at once (0 disables; requests without an SLO are never rejected this way)."""
 
     def __post_init__(self) -> None:
-        _require(min(self.max_engine_prompts, self.max_engine_tokens, self.max_queued_requests,
+        require(min(self.max_engine_prompts, self.max_engine_tokens, self.max_queued_requests,
                      self.max_queued_tokens, self.max_requests_in_flight) >= 1, "admission bounds must be >= 1")
-        _require(self.reject_factor == 0 or self.reject_factor >= 1, "admission.reject_factor must be 0 or >= 1")
+        require(self.reject_factor == 0 or self.reject_factor >= 1, "admission.reject_factor must be 0 or >= 1")
 
 
 @dataclass(frozen=True)
@@ -165,11 +157,11 @@ class FaultConfig:
     requests running or waiting is stalled. Its requests fail over and it is replaced (0: off)."""
 
     def __post_init__(self) -> None:
-        _require(self.drain_s >= 0, "faults.drain_s must be >= 0")
-        _require(self.progress_timeout_s >= 0, "faults.progress_timeout_s must be >= 0")
-        _require(self.max_restarts >= -1, "faults.max_restarts must be >= -1")
-        _require(self.request_retries >= 0, "faults.request_retries must be >= 0")
-        _require(self.retry_wait_s > 0, "faults.retry_wait_s must be > 0")
+        require(self.drain_s >= 0, "faults.drain_s must be >= 0")
+        require(self.progress_timeout_s >= 0, "faults.progress_timeout_s must be >= 0")
+        require(self.max_restarts >= -1, "faults.max_restarts must be >= -1")
+        require(self.request_retries >= 0, "faults.request_retries must be >= 0")
+        require(self.retry_wait_s > 0, "faults.retry_wait_s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -189,8 +181,8 @@ class SecurityConfig:
     (grpc.health.v1, HTTP /health) stay open to load balancers."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.tls_cert) == bool(self.tls_key), "security.tls_cert and security.tls_key go together")
-        _require(not self.tls_client_ca or bool(self.tls_cert), "security.tls_client_ca needs tls_cert and tls_key")
+        require(bool(self.tls_cert) == bool(self.tls_key), "security.tls_cert and security.tls_key go together")
+        require(not self.tls_client_ca or bool(self.tls_cert), "security.tls_client_ca needs tls_cert and tls_key")
 
 
 @dataclass(frozen=True)
@@ -209,9 +201,9 @@ class PoolConfig:
     """Keyword parameters of the policy's class, e.g. ``{slo_aware: false}`` for dualmap."""
 
     def __post_init__(self) -> None:
-        _require(self.instances >= 1, "pool instances must be >= 1")
-        _require(isinstance(self.policy_params, dict), "pool policy_params must be a mapping")
-        _require(isinstance(self.ray_resources, dict) and all(
+        require(self.instances >= 1, "pool instances must be >= 1")
+        require(isinstance(self.policy_params, dict), "pool policy_params must be a mapping")
+        require(isinstance(self.ray_resources, dict) and all(
             isinstance(v, (int, float)) and v > 0 for v in self.ray_resources.values()),
             "pool ray_resources must map resource names to amounts > 0")
 
@@ -275,43 +267,17 @@ class ServeConfig:
     """Upper bound on one request's life in the router when the client sets no deadline."""
 
     def __post_init__(self) -> None:
-        _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name)),
+        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name)),
                  f"name must be 1-63 letters, digits, '_', '.', '-', got {self.name!r}")
-        _require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        _require(0 <= self.port < 65536, "port must be in 0..65535")
-        _require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")
-        _require(-1 <= self.http_port < 65536, "http_port must be in -1..65535")
-        _require(self.reflection in ("auto", "on", "off"), f"reflection must be auto, on or off, got {self.reflection!r}")
-        _require(self.slo_ttft_ms >= 0 and self.slo_tpot_ms >= 0, "slo_ttft_ms and slo_tpot_ms must be >= 0")
-        _require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
-        _require(self.max_prompt_bytes >= 0, "max_prompt_bytes must be >= 0 (0: automatic)")
-        _require(self.request_timeout_s > 0, "request_timeout_s must be > 0")
-
-
-def _require_mapping(value: Any, where: str) -> None:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses.
-
-    Raises ConfigError for an unknown key or a value of the wrong shape.
-    """
-    _require_mapping(data, path.rstrip(".") or "config")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    _require(not unknown, f"unknown config key(s) {', '.join(path + k for k in unknown)}")
-    values = {}
-    for name, value in data.items():
-        factory = fields[name].default_factory
-        default = factory() if factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):  # a section overrides its field's own default
-            _require_mapping(value, f"{path}{name}")
-            base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
-            value = from_dict(type(default), {**base, **value}, f"{path}{name}.")
-        values[name] = value
-    return cls(**values)
+        require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        require(0 <= self.port < 65536, "port must be in 0..65535")
+        require(-1 <= self.metrics_port < 65536, "metrics_port must be in -1..65535")
+        require(-1 <= self.http_port < 65536, "http_port must be in -1..65535")
+        require(self.reflection in ("auto", "on", "off"), f"reflection must be auto, on or off, got {self.reflection!r}")
+        require(self.slo_ttft_ms >= 0 and self.slo_tpot_ms >= 0, "slo_ttft_ms and slo_tpot_ms must be >= 0")
+        require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        require(self.max_prompt_bytes >= 0, "max_prompt_bytes must be >= 0 (0: automatic)")
+        require(self.request_timeout_s > 0, "request_timeout_s must be > 0")
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:

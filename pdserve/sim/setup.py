@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pdserve.base.config import ConfigError, from_dict
+from pdserve.base.schema import ConfigError, from_dict
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, profile_path
 
 SETUPS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "sim"
