@@ -135,9 +135,8 @@ class RouterServer:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     def _change_roles(self) -> None:
-        """Adaptive mode: apply the role balancer's change, if any; logged and counted as a decision."""
-        change = self.roles.rebalance(self.prefill.live(), time.monotonic()) if self.roles is not None else None
-        if change is not None:
+        """Adaptive mode: apply the role balancer's changes, if any; each logged and counted as a decision."""
+        for change in self.roles.rebalance(self.prefill.live(), time.monotonic()) if self.roles is not None else ():
             log.info("engine %s: role %s -> %s (%s: attainment %.2f)", change.instance, change.old, change.new,
                      change.reason, change.attainment)
             self.stats.record_decision(RouteDecision("roles", "balancer", change.instance,

@@ -96,9 +96,11 @@ class RoutingConfig:
     or this when it has none, and its engine is decoding (``router.split``)."""
     role_window: int = 50
     """``mode: adaptive``: requests with SLOs whose attainment decides a change of an engine's role
-    (``router.roles``); 0: engines keep their roles."""
-    role_cooldown_s: float = 10.0
-    """``mode: adaptive``: the least time between two changes of role."""
+    (``router.roles``): a change comes once they hold more misses of one phase than the SLO target
+    allows in a window this long; 0: engines keep their roles."""
+    role_cooldown_s: float = 3.0
+    """``mode: adaptive``: the least time between two changes of role (only requests that began
+    after a change count towards the next)."""
     worker_calls: str = "grpc"
     """How the router's request calls reach the workers: ``grpc`` (straight to each worker's own
     server, no Ray hop) or ``ray`` (Ray actor calls). Control calls always use Ray."""
