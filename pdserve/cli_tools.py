@@ -27,6 +27,8 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
                        help=f"SLO sets (repeatable; default {' and '.join(DEFAULT_SLOS)})")
     bench.add_argument("--seed", type=int, default=0), bench.add_argument("--timeout", type=float, default=300.0)
     bench.add_argument("--warmup", type=int, default=3, help="unrecorded requests sent first, one at a time")
+    bench.add_argument("--rate-warmup", type=int, default=0,
+                       help="per rate: requests sent at the rate before the --requests that are scored")
     bench.add_argument("--label", default="pdserve"), bench.add_argument("--out", default="results/bench/run.json")
     bench.add_argument("--overheads", action="store_true", help="measure router, KV-transfer and transport overheads instead")
     bench.add_argument("--http-target", metavar="http://HOST:PORT",
@@ -119,10 +121,11 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     slos = _slos(args.slo or DEFAULT_SLOS)
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.rate]
-    requests = workloads.load(args.workload, report.fresh_pool_size(args.requests, len(rates), args.warmup), args.seed,
-                              args.max_output, args.input_scale, args.output_scale, args.max_prompt)
+    pool = report.fresh_pool_size(args.requests, len(rates), args.warmup, args.rate_warmup)
+    requests = workloads.load(args.workload, pool, args.seed, args.max_output, args.input_scale, args.output_scale,
+                              args.max_prompt)
     results = report.sweep(args.target, requests, rates, slos, args.label, args.arrival, args.concurrency, args.seed,
-                           args.timeout, args.warmup)
+                           args.timeout, args.warmup, args.rate_warmup)
     results.update(workload=args.workload, input_scale=args.input_scale, output_scale=args.output_scale, seed=args.seed)
     report.write(results, out)
     for run in results["runs"]:

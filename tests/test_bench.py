@@ -77,12 +77,13 @@ def test_poisson_arrivals_are_seeded_and_average_the_rate():
     assert runner.arrival_times(trace, "trace", 0.0, 2.0, 0) == [0.0, 1.0, 3.0]
 
 
-@pytest.mark.parametrize("pool,rates,warmup,sent", [
-    (10, [1.0, 2.0, 4.0], 1, [[0], [1, 2, 3], [4, 5, 6], [7, 8, 9]]),
-    (7, [1.0, 2.0], 0, [[0, 1, 2], [3, 4, 5]]),        # the remainder is not sent
-    (4, [2.0], 3, [[0, 1, 2], [3]]),
+@pytest.mark.parametrize("pool,rates,warmup,rate_warmup,sent", [
+    (10, [1.0, 2.0, 4.0], 1, 0, [[0], [1, 2, 3], [4, 5, 6], [7, 8, 9]]),
+    (7, [1.0, 2.0], 0, 0, [[0, 1, 2], [3, 4, 5]]),        # the remainder is not sent
+    (4, [2.0], 3, 0, [[0, 1, 2], [3]]),
+    (9, [1.0, 2.0], 1, 2, [[0], [1, 2, 3, 4], [5, 6, 7, 8]]),
 ])
-def test_sweep_never_sends_a_request_twice(monkeypatch, pool, rates, warmup, sent):
+def test_sweep_never_sends_a_request_twice(monkeypatch, pool, rates, warmup, rate_warmup, sent):
     """Every rate gets requests of its own: a resent prompt would be a prefix-cache hit."""
     calls = []
 
@@ -93,9 +94,24 @@ def test_sweep_never_sends_a_request_twice(monkeypatch, pool, rates, warmup, sen
 
     monkeypatch.setattr(runner, "run", record)
     reqs = [workloads.BenchRequest(i) for i in range(pool)]
-    results = report.sweep("unused:0", reqs, rates, SLOS, "t", "poisson", 1, seed=0, timeout_s=1, warmup=warmup)
-    assert calls == sent and results["requests_per_rate"] == len(sent[-1])
-    assert report.fresh_pool_size(len(sent[-1]), len(rates), warmup) <= pool
+    results = report.sweep("unused:0", reqs, rates, SLOS, "t", "poisson", 1, seed=0, timeout_s=1, warmup=warmup,
+                           rate_warmup=rate_warmup)
+    assert calls == sent and results["requests_per_rate"] == len(sent[-1]) - rate_warmup
+    assert report.fresh_pool_size(results["requests_per_rate"], len(rates), warmup, rate_warmup) <= pool
+
+
+def test_a_rates_warmup_requests_are_sent_but_not_scored(monkeypatch):
+    """The first ``rate_warmup`` requests of each rate (here: the ones that miss) are left out."""
+    async def first_two_late(target, requests, *args, **kwargs):
+        return [RequestTiming(True, ttft_s=9.0 if i < 2 else 0.1, tpot_s=0.01, e2e_s=0.2, prompt_tokens=r.max_tokens,
+                              output_tokens=2) for i, r in enumerate(requests)], 10.0
+
+    monkeypatch.setattr(runner, "run", first_two_late)
+    reqs = [workloads.BenchRequest(i) for i in range(12)]
+    for rate_warmup, attainment, scored in [(0, 4 / 6, list(range(6))), (2, 1.0, [2, 3, 4, 5])]:
+        run = report.sweep("unused:0", reqs, [1.0, 2.0], SLOS, "t", "poisson", 1, 0, 1, 0, rate_warmup)["runs"][0]
+        assert run["summary"]["slo"][SLOS[0].name]["attainment"] == pytest.approx(attainment)
+        assert [r["prompt_tokens"] for r in run["requests"]] == scored
 
 
 def test_sweep_refuses_a_pool_too_small_for_its_rates():

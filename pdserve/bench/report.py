@@ -19,37 +19,55 @@ from pdserve.client import PdServeClient, build_request
 
 
 def sweep(target: str, requests: Sequence[BenchRequest], rates: Sequence[float], slos: Sequence[Slo],
-          label: str, arrival: str, concurrency: int, seed: int, timeout_s: float, warmup: int = 0) -> dict:
+          label: str, arrival: str, concurrency: int, seed: int, timeout_s: float, warmup: int = 0,
+          rate_warmup: int = 0) -> dict:
     """One run per rate (or one run for concurrency arrivals); results with max goodput per SLO.
 
     ``requests`` is the pool (``fresh_pool_size`` long): ``warmup`` requests first, sent one at a
     time and not recorded (first requests of a fresh engine pay one-time costs), then one equal
     slice per rate. No request is sent twice, so the engines' prefix caches cannot turn a later
-    rate's prefills into cache hits (as they did when every rate resent the same prompts)."""
-    per_rate = (len(requests) - warmup) // len(rates)
+    rate's prefills into cache hits (as they did when every rate resent the same prompts). Each
+    rate starts from an idle deployment; with ``rate_warmup`` its first that many requests are
+    sent at the rate but not scored, so the scored ones see the rate's steady state (queues
+    filled, an adaptive deployment's roles settled)."""
+    per_rate = (len(requests) - warmup) // len(rates) - rate_warmup
     if per_rate < 1:
-        raise ValueError(f"{len(requests)} requests cannot give {warmup} warm-up and one per rate to {len(rates)} rates")
+        raise ValueError(f"{len(requests)} requests cannot give {warmup} warm-up and one per rate to {len(rates)} rates"
+                         f" after {rate_warmup} unscored each")
     if warmup:
         asyncio.run(runner.run(target, list(requests[:warmup]), "concurrency", concurrency=1, timeout_s=timeout_s,
                                progress=False))
     runs = []
+    step = per_rate + rate_warmup
     for i, setting in enumerate(rates):  # a rate (poisson), a time-scale factor (trace); ignored for concurrency
-        batch = list(requests[warmup + i * per_rate:warmup + (i + 1) * per_rate])
-        offsets = runner.arrival_times(batch, arrival, setting, setting, seed)
-        timings, duration = asyncio.run(runner.run(target, batch, arrival, setting, concurrency, setting, timeout_s, seed))
-        summary = summarize(timings, duration, slos)
-        offered = (len(batch) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]
-        runs.append({"setting": setting, "rate_rps": round(offered, 4), "summary": summary,
-                     "requests": [asdict(t) for t in timings]})
+        runs.append(_rate_run(target, list(requests[warmup + i * step:warmup + (i + 1) * step]), setting, slos,
+                              arrival, concurrency, seed, timeout_s, rate_warmup))
     results = {"label": label, "target": target, "arrival": arrival, "slos": [asdict(s) for s in slos],
-               "warmup_requests": warmup, "requests_per_rate": per_rate, "runs": runs}
+               "warmup_requests": warmup, "rate_warmup_requests": rate_warmup, "requests_per_rate": per_rate,
+               "runs": runs}
     results["max_goodput_rps"] = {s.name: max_goodput_rate(attainment_points(results, s.name)) for s in slos}
     return results
 
 
-def fresh_pool_size(per_rate: int, rates: int, warmup: int) -> int:
-    """Requests ``sweep`` needs so that every rate, and the warm-up, gets prompts of its own."""
-    return warmup + per_rate * rates
+def _rate_run(target: str, batch: list[BenchRequest], setting: float, slos: Sequence[Slo], arrival: str,
+              concurrency: int, seed: int, timeout_s: float, unscored: int) -> dict:
+    """One rate's run: every request of ``batch`` sent, the first ``unscored`` left out of its results
+    (the offered rate and throughput are those of the scored ones)."""
+    offsets = runner.arrival_times(batch, arrival, setting, setting, seed)
+    timings, duration = asyncio.run(runner.run(target, batch, arrival, setting, concurrency, setting, timeout_s, seed))
+    if arrival != "concurrency" and unscored:
+        duration -= offsets[unscored]
+        offsets = [o - offsets[unscored] for o in offsets[unscored:]]
+    timings = timings[unscored:]
+    summary = summarize(timings, duration, slos)
+    offered = (len(timings) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]
+    return {"setting": setting, "rate_rps": round(offered, 4), "summary": summary,
+            "requests": [asdict(t) for t in timings]}
+
+
+def fresh_pool_size(per_rate: int, rates: int, warmup: int, rate_warmup: int = 0) -> int:
+    """Requests ``sweep`` needs so that every rate, and the warm-ups, get prompts of their own."""
+    return warmup + (per_rate + rate_warmup) * rates
 
 
 def write(results: dict, out: Path) -> None:
