@@ -131,7 +131,9 @@ class RoleBalancer:
         step (``prefill``), as does a last ``both`` engine (``decode`` when no engine decodes yet)."""
         if len(both) >= 2:
             changes = [RoleChange(both[-1], BOTH, DECODE, reason, attainment)]
-            return changes + [RoleChange(both[0], BOTH, PREFILL, reason, attainment)] if len(both) == 2 else changes
+            if len(both) == 2:  # the other would be left alone beside decode engines
+                changes.append(RoleChange(both[0], BOTH, PREFILL, reason, attainment))
+            return changes
         if len(both) == 1 and len(live) > 1:
             new = PREFILL if any(self.roles[name] == DECODE for name in live) else DECODE
             return [RoleChange(both[0], BOTH, new, reason, attainment)]
