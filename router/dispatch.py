@@ -53,7 +53,7 @@ class Dispatcher:
                  record: Callable[[RequestRecord], None] = lambda rec: None, router_block: int = 0,
                  retries: int = 2, retry_wait_s: float = 60.0, kv_lease_s: float = 60.0,
                  tokenizer: PromptTokenizer | None = None, split: SplitRule | None = None,
-                 worker_calls: str = "grpc") -> None:
+                 worker_calls: str = "tcp") -> None:
         self.prefill, self.decode, self.split = prefill, decode, split
         self.calls = make_calls(worker_calls, self._snapshot)
         """How request calls reach the workers (``router.calls``)."""

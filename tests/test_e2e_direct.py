@@ -1,5 +1,5 @@
-"""The router's direct request path (``routing.worker_calls: grpc``) on the real engines: requests
-really bypass Ray, are exact either way, and a worker's direct server answers only its token."""
+"""The router's direct request paths (``routing.worker_calls: grpc`` and ``tcp``) on the real
+engines: requests really bypass Ray, are exact either way, and a worker's direct server answers only its token."""
 from __future__ import annotations
 
 import asyncio
@@ -57,12 +57,13 @@ def closed(cluster):
 
 
 # (worker calls, Ray's request path closed, the request finishes)
-CASES = [("grpc", False, True), ("ray", False, True), ("grpc", True, True), ("ray", True, False)]
+CASES = [("grpc", False, True), ("tcp", False, True), ("ray", False, True), ("grpc", True, True), ("tcp", True, True),
+         ("ray", True, False)]
 
 
 @pytest.mark.parametrize("calls,ray_closed,finishes", CASES)
 def test_requests_take_the_configured_path_and_are_exact(cluster, closed, calls, ray_closed, finishes):
-    """With ``grpc`` a request never needs Ray's request path (it finishes with Ray's closed);
+    """With ``grpc`` or ``tcp`` a request never needs Ray's request path (it finishes with Ray's closed);
     with ``ray`` it does; whichever path, the tokens are the single engine's."""
     prefill, decode = closed if ray_closed else (cluster.prefill[0], cluster.decode[0])
     router = start_router([prefill], [decode], cluster.model_info, metrics=False, request_timeout_s=120,

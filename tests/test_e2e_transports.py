@@ -94,7 +94,8 @@ class QueuedDecode:
             yield await ref
 
     async def load(self):  # no direct server of its own: the router calls it through Ray
-        return replace(await self.inner.load.remote(), instance=self.name, endpoint="", endpoint_token="")
+        return replace(await self.inner.load.remote(), instance=self.name, endpoint="", endpoint_token="",
+                       tcp_endpoint="")
 
     async def abort(self, request_id: str) -> None:
         await self.inner.abort.remote(request_id)

@@ -1,15 +1,19 @@
-"""The router's direct worker calls (``router.calls.GrpcCalls``) against a real ``DirectServer`` on
-loopback, whose worker is a fake at the process boundary (the Ray actor's request methods)."""
+"""The router's direct worker calls (``router.calls``: ``grpc`` and ``tcp``) against a worker's real
+request servers (``DirectServer``, ``TcpServer``) on loopback, whose worker is a fake at the
+process boundary (the Ray actor's request methods). Every test runs for both kinds."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
 
+from pdserve.base import frames
 from pdserve.base.config import WORKER_CALLS
 from pdserve.base.types import DecodeChunk, InvalidRequestError, LoadSnapshot, PrefillResult, SamplingSpec, WorkerError
 from pdserve.engine.direct import DirectServer
+from pdserve.engine.tcp_server import TcpServer
 from router.calls import NAMES, make_calls
 from router.legs import WorkerFailedError, WorkerUnreachableError
 
@@ -51,20 +55,31 @@ class FakeWorker:
 
 
 class Setup:
-    """A DirectServer over a FakeWorker, and GrpcCalls that see it in a worker's snapshot."""
+    """A FakeWorker's request servers, and the ``kind`` of calls that see them in a worker's snapshot."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
 
     async def __aenter__(self):
         self.worker = FakeWorker()
-        self.server = DirectServer(self.worker, "127.0.0.1")
-        endpoint = await self.server.start()
-        self.snap = LoadSnapshot("w", endpoint=endpoint, endpoint_token=self.server.token)
-        self.calls = make_calls("grpc", lambda name: self.snap)
+        self.direct = DirectServer(self.worker, "127.0.0.1")
+        self.tcp = TcpServer(self.worker, "127.0.0.1", self.direct.token)
+        self.snap = LoadSnapshot("w", endpoint=await self.direct.start(), endpoint_token=self.direct.token,
+                                 tcp_endpoint=await self.tcp.start())
+        self.calls = make_calls(self.kind, lambda name: self.snap)
         self.ref = SimpleNamespace(name="w", actor=None)
         return self
 
+    async def stop_servers(self):
+        await self.direct.stop()
+        await self.tcp.stop()
+
     async def __aexit__(self, *exc):
         await self.calls.close()
-        await self.server.stop()
+        await self.stop_servers()
+
+
+KINDS = ["grpc", "tcp"]
 
 
 def run(test):
@@ -77,9 +92,10 @@ def test_the_registry_matches_the_config():
         make_calls("carrier-pigeon", lambda name: LoadSnapshot(name))
 
 
-def test_a_prefill_crosses_exactly_and_can_be_awaited_again():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prefill_crosses_exactly_and_can_be_awaited_again(kind):
     async def test():
-        async with Setup() as s:
+        async with Setup(kind) as s:
             answer = s.calls.prefill(s.ref, "e-1", [5, 6, 7], SPEC, True)
             assert await answer == RESULT
             assert await answer == RESULT  # the dispatcher's cleanup awaits a late result again
@@ -87,9 +103,10 @@ def test_a_prefill_crosses_exactly_and_can_be_awaited_again():
     run(test)
 
 
-def test_a_decode_streams_exactly():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_decode_streams_exactly(kind):
     async def test():
-        async with Setup() as s:
+        async with Setup(kind) as s:
             got = [c async for c in s.calls.decode(s.ref, "e-2", [5, 6], 42, SPEC, KV)]
             assert got == CHUNKS
             assert s.worker.calls == [("decode", "e-2", [5, 6], 42, SPEC, KV)]
@@ -102,10 +119,11 @@ ERRORS = [(InvalidRequestError("prompt is empty"), InvalidRequestError, ""),
           (RuntimeError("boom\nmore"), WorkerFailedError, "RuntimeError: boom")]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("raised,seen,message", ERRORS, ids=["invalid", "worker_error", "other"])
-def test_errors_cross_as_pdserve_errors(raised, seen, message):
+def test_errors_cross_as_pdserve_errors(kind, raised, seen, message):
     async def test():
-        async with Setup() as s:
+        async with Setup(kind) as s:
             s.worker.fail = raised
             with pytest.raises(seen) as info:
                 await s.calls.prefill(s.ref, "e-3", [1], SPEC, False)
@@ -116,25 +134,27 @@ def test_errors_cross_as_pdserve_errors(raised, seen, message):
     run(test)
 
 
-def test_a_wrong_token_is_refused_and_a_gone_server_is_unreachable():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_wrong_token_is_refused_and_a_gone_server_is_unreachable(kind):
     async def test():
-        async with Setup() as s:
+        async with Setup(kind) as s:
             good = s.snap
-            s.snap = LoadSnapshot("w", endpoint=good.endpoint, endpoint_token="0" * 32)
+            s.snap = replace(good, endpoint_token="0" * 32)
             with pytest.raises(WorkerFailedError, match="token"):
                 await s.calls.prefill(s.ref, "e-5", [1], SPEC, False)
             assert s.worker.calls == []
-            await s.server.stop()
+            await s.stop_servers()
             s.snap = good
             with pytest.raises(WorkerUnreachableError):
                 await s.calls.prefill(s.ref, "e-6", [1], SPEC, False)
     run(test)
 
 
-def test_leaving_a_stream_cancels_it_on_the_worker():
+@pytest.mark.parametrize("kind", KINDS)
+def test_leaving_a_stream_cancels_it_on_the_worker(kind):
     """The dispatcher leaving a decode (a client cancel, a lost worker) ends the worker's stream."""
     async def test():
-        async with Setup() as s:
+        async with Setup(kind) as s:
             s.worker.hold = True
             stream = s.calls.decode(s.ref, "e-7", [1], 2, SPEC, None)
             assert await stream.__anext__() == CHUNKS[0]
@@ -143,10 +163,79 @@ def test_leaving_a_stream_cancels_it_on_the_worker():
     run(test)
 
 
-def test_a_restarted_worker_is_called_at_its_new_endpoint():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_restarted_worker_is_called_at_its_new_endpoint(kind):
     async def test():
-        async with Setup() as s, Setup() as restarted:
+        async with Setup(kind) as s, Setup(kind) as restarted:
             s.snap = restarted.snap
             assert await s.calls.prefill(s.ref, "e-8", [1], SPEC, False) == RESULT
             assert s.worker.calls == [] and len(restarted.worker.calls) == 1
+    run(test)
+
+
+TOKEN = object()  # stands for the server's own token
+# (frames the raw client sends, the answer it reads: an error kind, or None for a closed connection)
+RAW = [([{"op": "abort", "engine_id": "e"}], "denied"),
+       ([{"token": "0" * 32}, {"op": "abort", "engine_id": "e"}], "denied"),
+       ([{"token": TOKEN}, {"op": "teleport"}], "invalid"),
+       ([{"token": TOKEN}, {"op": "prefill", "engine_id": "e", "ids": [1], "spec": {"max_tokens": "x"},
+                            "remote_decode": False}], "invalid"),
+       ([{"token": TOKEN}, b"\xc1"], None),
+       ([{"token": TOKEN}, frames.MAX_FRAME + 1], None)]
+
+
+@pytest.mark.parametrize("sent,answer", RAW, ids=["no-token", "wrong-token", "unknown-op", "bad-spec", "not-msgpack",
+                                                  "too-large"])
+def test_the_tcp_server_answers_bad_input_with_a_status_or_a_closed_connection(sent, answer):
+    """Whatever a connection sends, the server answers with a clear error kind or ends that
+    connection, never reaches the engine, and goes on serving the router's calls."""
+    async def test():
+        async with Setup("tcp") as s:
+            host, _, port = s.snap.tcp_endpoint.rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            for frame in sent:
+                if isinstance(frame, bytes):
+                    writer.write(len(frame).to_bytes(4, "little") + frame)
+                elif isinstance(frame, int):
+                    writer.write(frame.to_bytes(4, "little"))
+                else:
+                    writer.write(frames.pack({"token": s.direct.token} if frame.get("token") is TOKEN else frame))
+            if answer is None:
+                assert await reader.read() == b""
+            else:
+                assert (await frames.read(reader))["error"] == answer
+            writer.close()
+            assert s.worker.calls == []
+            assert await s.calls.prefill(s.ref, "e-9", [1], SPEC, False) == RESULT
+    run(test)
+
+
+class InstantClient:
+    """A connection's writing side whose client sends its next call the moment a frame reaches it
+    (fed straight into the server's reader, before the server's loop turns again)."""
+
+    def __init__(self, reader: asyncio.StreamReader, next_call: dict) -> None:
+        self.reader, self.next_call, self.written = reader, next_call, []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.reader.feed_data(frames.pack(self.next_call))
+
+    async def drain(self) -> None:
+        pass
+
+
+def test_a_call_sent_right_after_an_answer_is_read_whole_as_the_next_call():
+    """The router may send its next call on a connection as soon as the last answer arrived. The
+    server watches the connection during a call (data or EOF there means the client left); it
+    must have stopped watching before the answer goes out, or the watch takes the first byte of
+    the next call and the connection is dropped (seen under load before the fix)."""
+    async def test():
+        server = TcpServer(FakeWorker(), "127.0.0.1", "t" * 32)
+        reader = asyncio.StreamReader()
+        writer = InstantClient(reader, {"op": "abort", "engine_id": "next"})
+        call = {"op": "prefill", "engine_id": "e", "ids": [1], "spec": asdict(SPEC), "remote_decode": False}
+        assert await server._serve_call(reader, writer, call) is True
+        assert len(writer.written) == 1
+        assert await frames.read(reader) == {"op": "abort", "engine_id": "next"}
     run(test)

@@ -50,7 +50,7 @@ class EngineConfig:
 
 KV_TRANSPORTS = ("tcp", "grpc", "gloo")
 """The names ``kv_transfer.transports`` registers (a test keeps the two equal)."""
-WORKER_CALLS = ("grpc", "ray")
+WORKER_CALLS = ("grpc", "tcp", "ray")
 """The names ``router.calls`` registers (a test keeps the two equal)."""
 
 
@@ -101,9 +101,11 @@ class RoutingConfig:
     role_cooldown_s: float = 3.0
     """``mode: adaptive``: the least time between two changes of role (only requests that began
     after a change count towards the next)."""
-    worker_calls: str = "grpc"
-    """How the router's request calls reach the workers: ``grpc`` (straight to each worker's own
-    server, no Ray hop) or ``ray`` (Ray actor calls). Control calls always use Ray."""
+    worker_calls: str = "tcp"
+    """How the router's request calls reach the workers: ``tcp`` (msgpack frames on plain TCP
+    connections to each worker's own request server, no Ray hop; half the router's added latency of
+    ``grpc``, docs/performance.md), ``grpc`` (the same calls to the worker's own gRPC server) or
+    ``ray`` (Ray actor calls). Control calls always use Ray."""
 
     def __post_init__(self) -> None:
         require(self.block_tokens >= 0, "routing.block_tokens must be >= 0 (0: automatic)")

@@ -129,7 +129,10 @@ class LoadSnapshot:
     """``host:port`` of the worker's direct request server (``protos/worker_v1``); empty when it
     has none (the router then calls it through Ray)."""
     endpoint_token: str = ""
-    """The token the direct server requires (this incarnation's own)."""
+    """The token the direct server requires (this incarnation's own); the TCP server requires it too."""
+    tcp_endpoint: str = ""
+    """``host:port`` of the worker's TCP request server (``pdserve.engine.tcp_server``, the
+    router's ``tcp`` worker calls); empty when it has none."""
 
 
 @dataclass(frozen=True)

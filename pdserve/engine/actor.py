@@ -20,6 +20,7 @@ from pdserve.base.net import free_port
 from pdserve.base.procs import signal_tree
 from pdserve.base.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
 from pdserve.engine.direct import DirectServer
+from pdserve.engine.tcp_server import TcpServer
 
 
 class EngineWorker:
@@ -37,6 +38,7 @@ class EngineWorker:
         self.name = name
         self.host = EngineHost(engine, model, self.role, connector)
         self.direct = DirectServer(self, kv_host)
+        self.tcp = TcpServer(self, kv_host, self.direct.token)
         self._direct_started: asyncio.Future | None = None
 
     async def info(self) -> ModelInfo:
@@ -46,15 +48,17 @@ class EngineWorker:
         return self.host.info
 
     async def load(self) -> LoadSnapshot:
-        """The engine's latest load, with the direct server's address and token (polled by the
+        """The engine's latest load, with the request servers' addresses and token (polled by the
         router)."""
-        endpoint = await self._serve_direct()
-        return replace(self.host.load(self.name), endpoint=endpoint, endpoint_token=self.direct.token)
+        endpoint, tcp_endpoint = await self._serve_direct()
+        return replace(self.host.load(self.name), endpoint=endpoint, endpoint_token=self.direct.token,
+                       tcp_endpoint=tcp_endpoint)
 
-    async def _serve_direct(self) -> str:
-        """The direct server's endpoint, started on the first call (the actor's loop runs by then)."""
+    async def _serve_direct(self) -> list[str]:
+        """The request servers' endpoints (gRPC, TCP), started on the first call (the actor's loop
+        runs by then)."""
         if self._direct_started is None:
-            self._direct_started = asyncio.ensure_future(self.direct.start())
+            self._direct_started = asyncio.gather(self.direct.start(), self.tcp.start())
         return await asyncio.shield(self._direct_started)
 
     async def pid(self) -> int:

@@ -1,4 +1,5 @@
-"""``DirectServer``: a worker's gRPC server for the router's request path (``protos/worker_v1``).
+"""``DirectServer``: a worker's gRPC server for the router's request path (``protos/worker_v1``,
+``routing.worker_calls: grpc``; ``tcp_server`` serves the same calls as TCP frames).
 
 The router's prefill, decode and whole-request calls reach the worker here without a Ray hop
 (Ray stays the control plane: creation, load polls, restarts). The server runs on the actor's own
@@ -98,13 +99,20 @@ class DirectServer(pb_grpc.WorkerServicer):
             await self._server.stop(1.0)
 
 
-def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status a call ends with for the worker's error (its own errors are one line already)."""
+def describe_error(err: Exception) -> tuple[str, str]:
+    """A worker's error as its kind (``pdserve.base.frames.ERROR_KINDS``: ``invalid`` or
+    ``failed``) and one line (its own errors are one line already). Both request servers use it."""
     if isinstance(err, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        return "invalid", str(err)
     if isinstance(err, WorkerError):
-        return grpc.StatusCode.INTERNAL, str(err)
-    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        return "failed", str(err)
+    return "failed", f"{type(err).__name__}: {err}".splitlines()[0][:500]
+
+
+def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a call ends with for the worker's error."""
+    kind, message = describe_error(err)
+    return (grpc.StatusCode.INVALID_ARGUMENT if kind == "invalid" else grpc.StatusCode.INTERNAL), message
 
 
 def sampling_spec(wire: pb.Sampling) -> SamplingSpec:

@@ -1,6 +1,7 @@
 """How the router makes its request calls on workers, by name (``routing.worker_calls``):
-``grpc`` (the default: straight to each worker's direct server, ``protos/worker_v1``; Ray for a
-worker that reports no server) or ``ray`` (Ray actor calls). Load polls, restarts and the other
+``tcp`` (the default: msgpack frames over plain TCP to each worker's ``TcpServer``), ``grpc``
+(the same calls to each worker's direct gRPC server, ``protos/worker_v1``) or ``ray`` (Ray actor
+calls). ``tcp`` and ``grpc`` call a worker that reports no server of theirs through Ray. Load polls, restarts and the other
 control calls always go through Ray (``router.pools``)."""
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pdserve.base.types import LoadSnapshot
 from router.calls.base import WorkerCalls
 from router.calls.grpc_calls import GrpcCalls
 from router.calls.ray_calls import RayCalls
+from router.calls.tcp_calls import TcpCalls
 
 _KINDS: dict[str, Callable[[Callable[[str], LoadSnapshot]], WorkerCalls]] = {
-    "grpc": GrpcCalls, "ray": lambda snapshot: RayCalls()}
+    "grpc": GrpcCalls, "tcp": TcpCalls, "ray": lambda snapshot: RayCalls()}
 NAMES = tuple(_KINDS)
 
 __all__ = ["NAMES", "WorkerCalls", "make_calls"]

@@ -8,8 +8,9 @@ WorkerFailedError for any other failure of the call.
 """
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Generator
 
 from pdserve.base.types import DecodeChunk, PrefillResult, SamplingSpec
 
@@ -42,3 +43,15 @@ class WorkerCalls(ABC):
 
     async def close(self) -> None:
         """Release connections (the router's stop, after its requests ended)."""
+
+
+class Answer:
+    """A unary call's answer, awaitable any number of times; leaving an await leaves it running
+    (``WorkerCalls.prefill``'s contract). Wraps the call's task."""
+
+    def __init__(self, task: asyncio.Future) -> None:
+        self.task = task
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, even if never awaited
+
+    def __await__(self) -> Generator[Any, None, PrefillResult]:
+        return asyncio.shield(self.task).__await__()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Callable, Generator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -17,7 +17,7 @@ from pdserve.base.net import WORKER_CHANNEL_OPTIONS, WORKER_TOKEN_KEY
 from pdserve.base.types import DecodeChunk, InvalidRequestError, LoadSnapshot, PrefillResult, SamplingSpec
 from protos import worker_v1_pb2 as pb
 from protos import worker_v1_pb2_grpc as pb_grpc
-from router.calls.base import WorkerCalls
+from router.calls.base import Answer, WorkerCalls
 from router.calls.ray_calls import RayCalls
 from router.legs import WorkerFailedError, WorkerUnreachableError
 
@@ -39,7 +39,7 @@ class GrpcCalls(WorkerCalls):
         if stub is None:
             return self._ray.prefill(worker, engine_id, ids, spec, remote_decode)
         call = pb.PrefillCall(engine_id=engine_id, prompt_ids=ids, sampling=_sampling(spec), remote_decode=remote_decode)
-        return GrpcAnswer(asyncio.ensure_future(_prefill(worker.name, stub.Prefill(call, metadata=meta))))
+        return Answer(asyncio.ensure_future(_prefill(worker.name, stub.Prefill(call, metadata=meta))))
 
     def generate(self, worker: Any, engine_id: str, ids: list[int], spec: SamplingSpec) -> AsyncIterator[DecodeChunk]:
         stub, meta = self._stub(worker.name)
@@ -82,17 +82,6 @@ class GrpcCalls(WorkerCalls):
             channel = grpc.aio.insecure_channel(snap.endpoint, options=WORKER_CHANNEL_OPTIONS)
             known = self._channels[name] = (key, channel, pb_grpc.WorkerStub(channel))
         return known[2], ((WORKER_TOKEN_KEY, snap.endpoint_token),)
-
-
-class GrpcAnswer:
-    """A unary call's answer, awaitable any number of times; leaving an await leaves it running."""
-
-    def __init__(self, task: asyncio.Future) -> None:
-        self.task = task
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, even if never awaited
-
-    def __await__(self) -> Generator[Any, None, PrefillResult]:
-        return asyncio.shield(self.task).__await__()
 
 
 async def _unary(name: str, call: Any) -> Any:
