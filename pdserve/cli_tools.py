@@ -1,4 +1,4 @@
-"""The ``pdserve`` commands that measure a deployment: profile, bench, bench-kv, chaos, bench-compare.
+"""The ``pdserve`` commands that measure a deployment: profile, bench, bench-kv, chaos, bench-ab, bench-compare.
 Registered on the main parser by ``add_tool_commands`` (see ``pdserve.cli``)."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--slo", action="append", metavar="NAME:TTFT_S:TPOT_S",
                        help=f"SLO sets (repeatable; default {' and '.join(DEFAULT_SLOS)})")
     bench.add_argument("--seed", type=int, default=0), bench.add_argument("--timeout", type=float, default=300.0)
-    bench.add_argument("--warmup", type=int, default=3, help="unrecorded requests sent first, one at a time")
+    bench.add_argument("--warmup", type=int, default=3, help="unrecorded requests sent first, one at a time (--overheads too)")
     bench.add_argument("--rate-warmup", type=int, default=0,
                        help="per rate: requests sent at the rate before the --requests that are scored")
     bench.add_argument("--label", default="pdserve"), bench.add_argument("--out", default="results/bench/run.json")
@@ -34,7 +34,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--http-target", metavar="http://HOST:PORT",
                        help="with --overheads: also compare the OpenAI HTTP API's TTFT with gRPC's on this deployment")
     bench.set_defaults(func=_bench)
-    kvb = sub.add_parser("bench-kv", help="every KV transport against raw TCP on loopback (7B-class KV)")
+    kvb = sub.add_parser("bench-kv", help="every KV transport against raw TCP on loopback (7B-class and this machine's KV)")
     kvb.add_argument("--rounds", type=int, default=5)
     kvb.add_argument("--out", default="docs/results/perf/kv-transports.json")
     kvb.set_defaults(func=_bench_kv)
@@ -48,6 +48,12 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     chaos.add_argument("--seed", type=int, default=0)
     chaos.add_argument("--out", default="docs/results/reliability/chaos.json")
     chaos.set_defaults(func=_chaos)
+    ab = sub.add_parser("bench-ab", help="bench --overheads on fresh deployments, alternating one config setting")
+    ab.add_argument("--config", default="deploy/local.yaml")
+    ab.add_argument("--set", required=True, metavar="KEY=V1,V2", help="e.g. routing.worker_calls=grpc,tcp")
+    ab.add_argument("--runs", type=int, default=3), ab.add_argument("--warmup", type=int, default=3)
+    ab.add_argument("--out", default="docs/results/perf/worker-calls-ab.json")
+    ab.set_defaults(func=_bench_ab)
     cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
     cmp_.add_argument("files", nargs="+"), cmp_.add_argument("--out", default="results/bench/compare.png")
     cmp_.add_argument("--slo", action="append", metavar="NAME:TTFT_S:TPOT_S",
@@ -80,9 +86,9 @@ def _bench_kv(args: argparse.Namespace) -> int:
     from pdserve.bench import kv
 
     result = kv.run(Path(args.out), args.rounds)
-    print(f"{'transport':>10} {'tokens':>7} {'MB':>7} {'ms':>9} {'GB/s':>6} {'of raw TCP':>10}")
+    print(f"{'model':>16} {'transport':>10} {'tokens':>7} {'MB':>7} {'ms':>9} {'GB/s':>6} {'of raw TCP':>10}")
     for row in result["rows"]:
-        print(f"{row['transport']:>10} {row['prompt_tokens']:>7} {row['bytes'] / 1e6:>7.0f} {row['median_ms']:>9.1f} "
+        print(f"{row['model'].split()[0]:>16} {row['transport']:>10} {row['prompt_tokens']:>7} {row['bytes'] / 1e6:>7.0f} {row['median_ms']:>9.1f} "
               f"{row['gb_s']:>6.2f} {row['fraction_of_raw_tcp']:>10.2f}")
     print(f"wrote {args.out}")
     return 0
@@ -111,7 +117,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.overheads:
-        result = report.overheads(args.target, [64, 256, 512, 1024, 1900], repeats=3)
+        result = report.overheads(args.target, [64, 256, 512, 1024, 1900], repeats=3, warmup=args.warmup)
         if args.http_target:
             result["http_vs_grpc"] = report.http_overhead(args.target, args.http_target)
             print(json.dumps(result["http_vs_grpc"], indent=1))
@@ -145,6 +151,23 @@ def _slos(specs: list[str]) -> list:
         name, ttft, tpot = spec.split(":")
         slos.append(Slo(name, float(ttft), float(tpot)))
     return slos
+
+
+def _bench_ab(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve import ab_run
+
+    key, _, values = args.set.partition("=")
+    result = ab_run.run(args.config, key, values.split(","), args.runs, args.warmup, Path(args.out))
+    for value in values.split(","):
+        s = result[value]
+        print(f"{key}={value}: router added p50 {s['router_added_ms_p50']:.2f} ms (per run "
+              + ", ".join(f"{x:.2f}" for x in s["router_added_ms_p50_per_run"])
+              + f"), p99 {s['router_added_ms_p99']:.2f} ms, 1st-2nd minus transfer and step "
+              f"{s['first_to_second_minus_transfer_and_step_ms_p50']:.1f} ms")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _bench_compare(args: argparse.Namespace) -> int:

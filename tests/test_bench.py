@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,28 @@ def test_short_real_run_writes_a_well_formed_results_file(router, tmp_path, api)
     assert out.with_suffix(".cdf.png").stat().st_size > 1000
     report.compare([out, out], tmp_path / "cmp.png")
     assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+# (key, value, what the variant's config holds there; None: the variant is refused)
+VARIANTS = [("routing.worker_calls", "tcp", "tcp"), ("prefill.instances", "2", 2), ("mode", "colocated", "colocated"),
+            ("routing.worker_calls", "pigeon", None), ("routing.no_such_key", "1", None)]
+
+
+@pytest.mark.parametrize("key,value,held", VARIANTS)
+def test_a_bench_ab_variant_changes_one_setting_and_is_validated(tmp_path, key, value, held):
+    from pdserve import ab_run
+    from pdserve.base.config import ConfigError, load
+
+    base = Path(__file__).resolve().parents[1] / "deploy" / "local.yaml"
+    if held is None:
+        with pytest.raises(ConfigError):
+            ab_run._variant(str(base), key, value, tmp_path)
+        return
+    variant, original = load(ab_run._variant(str(base), key, value, tmp_path)), load(base)
+    section, _, field = key.rpartition(".")
+    got = getattr(getattr(variant, section), field) if section else getattr(variant, field)
+    assert got == held
+    if section:
+        assert replace(variant, **{section: getattr(original, section)}) == original
+    else:
+        assert replace(variant, **{field: getattr(original, field)}) == original

@@ -1,12 +1,12 @@
 """``pdserve bench-kv``: every KV transport against raw TCP, on loopback, side by side.
 
-A sender process holds the KV cache of a 7B-class model (Qwen2.5-7B: 28 layers, 4 KV heads of 128,
-bf16, so 57,344 bytes per token) in vLLM's CPU layout ([blocks, kv heads, block size, 2 x head
-size] per layer) and serves it with every transport; this process pulls prompts of several lengths
-into its own cache with each, round-robin, and also receives the same bytes over a plain TCP
-connection (one ``sendall`` of a preallocated buffer into one ``recv_into``), the ceiling of any
-transport on this host. Times include connecting, the checks before the first byte, the checksum,
-and the release. The medians of ``rounds`` rounds are written as JSON.
+For each model shape of ``SHAPES`` (a 7B-class model's KV, and the KV of this machine's engines),
+a sender process holds the KV cache in vLLM's CPU layout ([blocks, kv heads, block size, 2 x head
+size] per layer, bf16) and serves it with every transport; this process pulls prompts of several
+lengths into its own cache with each, round-robin, and also receives the same bytes over a plain
+TCP connection (one ``sendall`` of a preallocated buffer into one ``recv_into``), the ceiling of
+any transport on this host. Times include connecting, the checks before the first byte, the
+checksum, and the release. The medians of ``rounds`` rounds are written as JSON.
 """
 from __future__ import annotations
 
@@ -16,24 +16,47 @@ import socket
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pdserve.base.net import free_port
 
-LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
-PROMPTS = (1024, 4096, 8192)
+
+@dataclass(frozen=True)
+class KvShape:
+    """A model's KV cache, as vLLM's CPU layout holds it in bf16, and the prompts to pull."""
+
+    model: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    block: int
+    prompts: tuple[int, ...]
+
+    def blocks(self, tokens: int) -> int:
+        """Whole blocks that hold ``tokens``."""
+        return -(-tokens // self.block)
+
+    def describe(self) -> str:
+        per_token = self.layers * 2 * self.kv_heads * self.head_dim * 2
+        return (f"{self.model}: {self.layers} layers x {self.kv_heads} KV heads x {self.head_dim}, bf16, "
+                f"{per_token:,} B/token, {self.block}-token blocks")
+
+
+SHAPES = (KvShape("Qwen2.5-7B-class", 28, 4, 128, 16, (1024, 4096, 8192)),
+          KvShape("SmolLM2-135M (this machine's engines)", 30, 3, 64, 32, (1024, 1900)))
 TRANSPORTS = ("tcp", "gloo", "grpc")
 
 
-def _caches(num_blocks: int) -> dict:
+def _caches(shape: KvShape, num_blocks: int) -> dict:
     import torch
 
-    return {f"model.layers.{i}.self_attn": torch.zeros(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM, dtype=torch.bfloat16)
-            for i in range(LAYERS)}
+    return {f"model.layers.{i}.self_attn": torch.zeros(num_blocks, shape.kv_heads, shape.block, 2 * shape.head_dim,
+                                                       dtype=torch.bfloat16) for i in range(shape.layers)}
 
 
-def _sender(conn: Any, num_blocks: int) -> None:
+def _sender(conn: Any, shape: KvShape, num_blocks: int) -> None:
     """The prefill side (a child process): serve every transport and raw TCP until told to stop."""
     import torch
 
@@ -42,7 +65,7 @@ def _sender(conn: Any, num_blocks: int) -> None:
     from kv_transfer.leases import HeldKv, PullGate
 
     torch.set_num_threads(1)
-    caches = _caches(num_blocks)
+    caches = _caches(shape, num_blocks)
     for t in caches.values():
         t.normal_()
     layout = KvLayout(caches, num_blocks, "bench")
@@ -56,7 +79,7 @@ def _sender(conn: Any, num_blocks: int) -> None:
             transports.get(name).serve(transports.ServeContext(gate, layout, "127.0.0.1", ports[name], 64))
     raw = socket.create_server(("127.0.0.1", 0))
     ports["raw"] = raw.getsockname()[1]
-    threading.Thread(target=_raw_server, args=(raw,), daemon=True).start()
+    threading.Thread(target=_raw_server, args=(raw, layout.block_bytes() * num_blocks), daemon=True).start()
     conn.send(ports)
     while True:
         msg = conn.recv()
@@ -67,9 +90,10 @@ def _sender(conn: Any, num_blocks: int) -> None:
         conn.send(True)
 
 
-def _raw_server(listener: socket.socket) -> None:
-    """Answer each connection's 8-byte size with that many bytes from one preallocated buffer."""
-    buf = memoryview(bytearray(LAYERS * KV_HEADS * BLOCK * 2 * HEAD_DIM * 2 * (PROMPTS[-1] // BLOCK)))
+def _raw_server(listener: socket.socket, nbytes: int) -> None:
+    """Answer each connection's 8-byte size (at most ``nbytes``) with that many bytes from one
+    preallocated buffer."""
+    buf = memoryview(bytearray(nbytes))
     while True:
         conn, _ = listener.accept()
         with conn:
@@ -89,60 +113,74 @@ def _raw_pull(port: int, buf: memoryview) -> None:
 
 
 def run(out: Path, rounds: int = 5) -> dict:
-    """Measure and write the results; returns them."""
+    """Measure every shape and write the results; returns them."""
+    rows = [row for shape in SHAPES for row in _measure(shape, rounds)]
+    result = {"models": [shape.describe() for shape in SHAPES], "rounds": rounds, "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _measure(shape: KvShape, rounds: int) -> list[dict]:
+    """One sender process holding ``shape``'s KV; every transport and raw TCP, round-robin."""
     import torch
 
-    from kv_transfer import control, transports
-    from kv_transfer.handle import KvHandle
     from kv_transfer.layout import KvLayout
 
     torch.set_num_threads(1)
-    num_blocks = PROMPTS[-1] // BLOCK
-    layout = KvLayout(_caches(num_blocks), num_blocks, "bench")
+    num_blocks = shape.blocks(shape.prompts[-1])
+    layout = KvLayout(_caches(shape, num_blocks), num_blocks, "bench")
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_sender, args=(child, num_blocks), daemon=True)
+    proc = ctx.Process(target=_sender, args=(child, shape, num_blocks), daemon=True)
     proc.start()
     try:
         ports = parent.recv()
-        times: dict[str, dict[int, list[float]]] = {n: {p: [] for p in PROMPTS} for n in (*TRANSPORTS, "raw_tcp")}
+        times: dict[str, dict[int, list[float]]] = {n: {p: [] for p in shape.prompts} for n in (*TRANSPORTS, "raw_tcp")}
         raw_buf = memoryview(bytearray(num_blocks * layout.block_bytes()))
         for r in range(rounds):
-            for tokens in PROMPTS:
-                blocks = tokens // BLOCK
-                for name in TRANSPORTS:
-                    rid = f"{name}-{tokens}-{r}"
-                    parent.send((rid, blocks))
-                    parent.recv()
-                    handle = KvHandle("127.0.0.1", ports["control"], rid, tokens, blocks, BLOCK, "bench", name,
-                                      ports.get(name, 0))
-                    start = time.perf_counter()
-                    transports.get(name).pull(transports.PullJob(layout, handle, 0, list(range(blocks)), 120.0))
-                    if not transports.get(name).acks_release:
-                        control.release(handle)
-                    times[name][tokens].append(time.perf_counter() - start)
+            for tokens in shape.prompts:
+                _round(shape, layout, parent, ports, tokens, r, times)
                 start = time.perf_counter()
-                _raw_pull(ports["raw"], raw_buf[:blocks * layout.block_bytes()])
+                _raw_pull(ports["raw"], raw_buf[:shape.blocks(tokens) * layout.block_bytes()])
                 times["raw_tcp"][tokens].append(time.perf_counter() - start)
         parent.send(None)
     finally:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
-    result = _summary(times, layout.block_bytes(), rounds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    return _rows(shape, times, layout.block_bytes())
 
 
-def _summary(times: dict[str, dict[int, list[float]]], block_bytes: int, rounds: int) -> dict:
+def _round(shape: KvShape, layout: Any, parent: Any, ports: dict, tokens: int, r: int,
+           times: dict[str, dict[int, list[float]]]) -> None:
+    """Pull ``tokens``' blocks once with every transport (the sender holds them for each first)."""
+    from kv_transfer import control, transports
+    from kv_transfer.handle import KvHandle
+
+    blocks = shape.blocks(tokens)
+    for name in TRANSPORTS:
+        rid = f"{name}-{tokens}-{r}"
+        parent.send((rid, blocks))
+        parent.recv()
+        handle = KvHandle("127.0.0.1", ports["control"], rid, tokens, blocks, shape.block, "bench", name,
+                          ports.get(name, 0))
+        start = time.perf_counter()
+        transports.get(name).pull(transports.PullJob(layout, handle, 0, list(range(blocks)), 120.0))
+        if not transports.get(name).acks_release:
+            control.release(handle)
+        times[name][tokens].append(time.perf_counter() - start)
+
+
+def _rows(shape: KvShape, times: dict[str, dict[int, list[float]]], block_bytes: int) -> list[dict]:
     rows = []
-    for tokens in PROMPTS:
-        nbytes = tokens // BLOCK * block_bytes
+    for tokens in shape.prompts:
+        nbytes = shape.blocks(tokens) * block_bytes
         raw_ms = statistics.median(times["raw_tcp"][tokens]) * 1e3
         for name, by_len in times.items():
             ms = statistics.median(by_len[tokens]) * 1e3
-            rows.append({"transport": name, "prompt_tokens": tokens, "bytes": nbytes, "median_ms": round(ms, 2),
-                         "gb_s": round(nbytes / ms / 1e6, 3), "fraction_of_raw_tcp": round(raw_ms / ms, 3)})
-    return {"model": "Qwen2.5-7B-class KV: 28 layers x 4 KV heads x 128, bf16, 57,344 B/token, 16-token blocks",
-            "rounds": rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+            rows.append({"model": shape.model, "transport": name, "prompt_tokens": tokens, "bytes": nbytes,
+                         "median_ms": round(ms, 2), "gb_s": round(nbytes / ms / 1e6, 3),
+                         "fraction_of_raw_tcp": round(raw_ms / ms, 3)})
+    return rows

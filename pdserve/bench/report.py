@@ -120,17 +120,20 @@ def _pyplot():
     return plt
 
 
-def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int = 1000) -> dict:
+def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int = 1000, warmup: int = 0) -> dict:
     """Sequential requests of each prompt length: the router's added latency (client TTFT minus
     the prefill call), KV-transfer time and bytes, the transport's throughput against a raw TCP
     loopback stream of the same bytes measured in the same run, and the gap between the first
-    and the second token (seen by the client) next to the transfer and one decode step."""
+    and the second token (seen by the client) next to the transfer and one decode step. The
+    ``warmup`` requests (64 tokens, prompts of their own) go first and are not recorded: they
+    carry the deployment's one-time costs (first connections, first calls)."""
     client, rows = PdServeClient(target), []
     try:
+        for w in range(warmup):
+            _overhead_row(client, 64, _overhead_ids(64, repeats + w, vocab_id))
         for n in lengths:
             for r in range(repeats):
-                ids = [(vocab_id + 7 * i + 131 * r + n) % 48_000 + 100 for i in range(n)]
-                rows.append(_overhead_row(client, n, ids))
+                rows.append(_overhead_row(client, n, _overhead_ids(n, r, vocab_id)))
     finally:
         client.close()
     by_len = {}
@@ -146,8 +149,13 @@ def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int =
                      "first_to_second_token_ms_median": statistics.median(x["first_to_second_token_ms"] for x in sel),
                      "decode_step_ms_median": statistics.median(x["decode_step_ms"] for x in sel)}
     added = sorted(x["router_added_ms"] for x in rows)
-    return {"per_length": by_len, "requests": rows, "router_added_ms_median": statistics.median(added),
+    return {"per_length": by_len, "requests": rows, "warmup_requests": warmup, "router_added_ms_median": statistics.median(added),
             "router_added_ms_p99": added[min(len(added) - 1, int(0.99 * len(added)))]}
+
+
+def _overhead_ids(n: int, r: int, vocab_id: int) -> list[int]:
+    """The prompt of length ``n`` and repeat ``r``: distinct for each pair, so none is cached."""
+    return [(vocab_id + 7 * i + 131 * r + n) % 48_000 + 100 for i in range(n)]
 
 
 def _overhead_row(client: PdServeClient, n: int, ids: list[int]) -> dict:
