@@ -91,7 +91,7 @@ def test_sweep_never_sends_a_request_twice(monkeypatch, pool, rates, warmup, rat
     async def record(target, requests, *args, **kwargs):
         calls.append([r.max_tokens for r in requests])
         return [RequestTiming(True, ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, prompt_tokens=4, output_tokens=2)
-                for _ in requests], 1.0
+                for _ in requests], 1.0, [0.1 * i for i in range(len(requests))]
 
     monkeypatch.setattr(runner, "run", record)
     reqs = [workloads.BenchRequest(i) for i in range(pool)]
@@ -101,18 +101,28 @@ def test_sweep_never_sends_a_request_twice(monkeypatch, pool, rates, warmup, rat
     assert report.fresh_pool_size(results["requests_per_rate"], len(rates), warmup, rate_warmup) <= pool
 
 
-def test_a_rates_warmup_requests_are_sent_but_not_scored(monkeypatch):
-    """The first ``rate_warmup`` requests of each rate (here: the ones that miss) are left out."""
+# (arrival, unscored requests, attainment, scored requests, throughput in req/s)
+WARMUPS = [("poisson", 0, 4 / 6, list(range(6)), 0.6), ("poisson", 2, 1.0, [2, 3, 4, 5], 4 / 8.0),
+           ("concurrency", 0, 4 / 6, list(range(6)), 0.6), ("concurrency", 2, 1.0, [2, 3, 4, 5], 4 / 8.0)]
+
+
+@pytest.mark.parametrize("arrival,rate_warmup,attainment,scored,throughput", WARMUPS)
+def test_a_rates_warmup_requests_are_sent_but_not_scored(monkeypatch, arrival, rate_warmup, attainment, scored,
+                                                         throughput):
+    """The first ``rate_warmup`` requests of each rate (here: the ones that miss) are left out, and
+    so is the time before the first scored one was sent (request i is sent at i seconds of a 10 s
+    run), whatever the arrival process."""
     async def first_two_late(target, requests, *args, **kwargs):
-        return [RequestTiming(True, ttft_s=9.0 if i < 2 else 0.1, tpot_s=0.01, e2e_s=0.2, prompt_tokens=r.max_tokens,
-                              output_tokens=2) for i, r in enumerate(requests)], 10.0
+        return ([RequestTiming(True, ttft_s=9.0 if i < 2 else 0.1, tpot_s=0.01, e2e_s=0.2,
+                               prompt_tokens=r.max_tokens, output_tokens=2) for i, r in enumerate(requests)],
+                10.0, [float(i) for i in range(len(requests))])
 
     monkeypatch.setattr(runner, "run", first_two_late)
     reqs = [workloads.BenchRequest(i) for i in range(12)]
-    for rate_warmup, attainment, scored in [(0, 4 / 6, list(range(6))), (2, 1.0, [2, 3, 4, 5])]:
-        run = report.sweep("unused:0", reqs, [1.0, 2.0], SLOS, "t", "poisson", 1, 0, 1, 0, rate_warmup)["runs"][0]
-        assert run["summary"]["slo"][SLOS[0].name]["attainment"] == pytest.approx(attainment)
-        assert [r["prompt_tokens"] for r in run["requests"]] == scored
+    run = report.sweep("unused:0", reqs, [1.0, 2.0], SLOS, "t", arrival, 1, 0, 1, 0, rate_warmup)["runs"][0]
+    assert run["summary"]["slo"][SLOS[0].name]["attainment"] == pytest.approx(attainment)
+    assert [r["prompt_tokens"] for r in run["requests"]] == scored
+    assert run["summary"]["throughput_rps"] == pytest.approx(throughput)
 
 
 def test_sweep_refuses_a_pool_too_small_for_its_rates():

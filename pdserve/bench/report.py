@@ -54,10 +54,11 @@ def _rate_run(target: str, batch: list[BenchRequest], setting: float, slos: Sequ
     """One rate's run: every request of ``batch`` sent, the first ``unscored`` left out of its results
     (the offered rate and throughput are those of the scored ones)."""
     offsets = runner.arrival_times(batch, arrival, setting, setting, seed)
-    timings, duration = asyncio.run(runner.run(target, batch, arrival, setting, concurrency, setting, timeout_s, seed))
-    if arrival != "concurrency" and unscored:
-        duration -= offsets[unscored]
-        offsets = [o - offsets[unscored] for o in offsets[unscored:]]
+    timings, duration, sent = asyncio.run(runner.run(target, batch, arrival, setting, concurrency, setting, timeout_s,
+                                                     seed))
+    if unscored:  # the scored requests' window opens when the first of them is sent
+        duration -= sent[unscored]
+        offsets = [o - offsets[unscored] for o in offsets[unscored:]] if arrival != "concurrency" else offsets
     timings = timings[unscored:]
     summary = summarize(timings, duration, slos)
     offered = (len(timings) - 1) / offsets[-1] if arrival != "concurrency" and offsets[-1] > 0 else summary["throughput_rps"]

@@ -35,63 +35,45 @@ def arrival_times(requests: Sequence[BenchRequest], arrival: str, rate: float, t
 
 async def run(target: str, requests: Sequence[BenchRequest], arrival: str = "poisson", rate: float = 1.0,
               concurrency: int = 4, time_scale: float = 1.0, timeout_s: float = 300.0, seed: int = 0,
-              progress: bool = True) -> tuple[list[RequestTiming], float]:
+              progress: bool = True) -> tuple[list[RequestTiming], float, list[float]]:
     """Send every request to ``target`` (``HOST:PORT``: gRPC; ``http://HOST:PORT``: the OpenAI HTTP
-    API); returns per-request timings (in request order) and the run's duration."""
+    API); returns per-request timings (in request order), the run's duration, and when each
+    request was sent (seconds after the run's start, in request order)."""
     bar = _Progress(len(requests), progress)
+    sent = [0.0] * len(requests)
     async with driver(target) as client:
         start = time.perf_counter()
+
+        async def one(i: int, req: BenchRequest) -> RequestTiming:
+            sent[i] = time.perf_counter() - start
+            return await _one(client, req, timeout_s, bar)
+
         if arrival == "concurrency":
-            timings = await _closed_loop(client, requests, concurrency, timeout_s, bar)
+            timings = await _closed_loop(one, requests, concurrency)
         else:
             offsets = arrival_times(requests, arrival, rate, time_scale, seed)
-            timings = await asyncio.gather(*(_at(start + o, client, r, timeout_s, bar) for o, r in zip(offsets, requests)))
+            timings = await asyncio.gather(*(_at(start + o, one, i, r) for i, (o, r) in enumerate(zip(offsets, requests))))
         duration = time.perf_counter() - start
     bar.close()
-    return list(timings), duration
+    return list(timings), duration, sent
 
 
-async def _at(when: float, client: Any, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
+async def _at(when: float, one: Any, i: int, req: BenchRequest) -> RequestTiming:
     await asyncio.sleep(max(0.0, when - time.perf_counter()))
-    return await _one(client, req, timeout_s, bar)
+    return await one(i, req)
 
 
-async def _closed_loop(client: Any, requests: Sequence[BenchRequest], concurrency: int,
-                       timeout_s: float, bar: _Progress) -> list[RequestTiming]:
+async def _closed_loop(one: Any, requests: Sequence[BenchRequest], concurrency: int) -> list[RequestTiming]:
     results: list[RequestTiming | None] = [None] * len(requests)
     queue = list(enumerate(requests))[::-1]
 
     async def worker() -> None:
         while queue:
             i, req = queue.pop()
-            results[i] = await _one(client, req, timeout_s, bar)
+            results[i] = await one(i, req)
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return [r for r in results if r is not None]
-
-
-def driver(target: str) -> Any:
-    """The client for ``target``: an async context manager whose value has ``send``."""
-    return HttpDriver(target) if target.startswith(("http://", "https://")) else GrpcDriver(target)
-
-
-class GrpcDriver:
-    """Sends ``BenchRequest``s over the gRPC API."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    async def __aenter__(self) -> GrpcDriver:
-        self.channel = grpc.aio.insecure_channel(self.target)
-        self.stub = pb_grpc.PdServeStub(self.channel)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.channel.close()
-
-    async def send(self, req: BenchRequest, timeout_s: float) -> RequestTiming:
-        """One streamed request, timed as the client sees it."""
-        return await _grpc_one(self.stub, req, timeout_s)
 
 
 async def _one(client: Any, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
