@@ -76,6 +76,30 @@ async def _closed_loop(one: Any, requests: Sequence[BenchRequest], concurrency: 
     return [r for r in results if r is not None]
 
 
+def driver(target: str) -> Any:
+    """The client for ``target``: an async context manager whose value has ``send``."""
+    return HttpDriver(target) if target.startswith(("http://", "https://")) else GrpcDriver(target)
+
+
+class GrpcDriver:
+    """Sends ``BenchRequest``s over the gRPC API."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    async def __aenter__(self) -> GrpcDriver:
+        self.channel = grpc.aio.insecure_channel(self.target)
+        self.stub = pb_grpc.PdServeStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def send(self, req: BenchRequest, timeout_s: float) -> RequestTiming:
+        """One streamed request, timed as the client sees it."""
+        return await _grpc_one(self.stub, req, timeout_s)
+
+
 async def _one(client: Any, req: BenchRequest, timeout_s: float, bar: _Progress) -> RequestTiming:
     timing = await client.send(req, timeout_s)
     bar.step()
