@@ -239,3 +239,33 @@ def test_a_call_sent_right_after_an_answer_is_read_whole_as_the_next_call():
         assert len(writer.written) == 1
         assert await frames.read(reader) == {"op": "abort", "engine_id": "next"}
     run(test)
+
+
+# (the call, the answer a broken worker sends)
+BROKEN = [("prefill", {"result": {"token_id": "x"}}), ("prefill", ["result"]), ("decode", {"chunk": [1]}),
+          ("decode", {"chunk": [["a"], "t", None, {}]}), ("decode", {"what": True})]
+
+
+@pytest.mark.parametrize("op,answer", BROKEN, ids=["bad-result", "not-a-map", "short-chunk", "bad-ids", "unknown"])
+def test_an_answer_that_breaks_the_protocol_is_a_worker_failure(op, answer):
+    """Whatever a worker's server answers, the router sees one of pdserve's errors."""
+    async def test():
+        async def broken(reader, writer):
+            await frames.read(reader)  # the token
+            await frames.read(reader)  # the call
+            writer.write(frames.pack(answer))
+            await writer.drain()
+
+        server = await asyncio.start_server(broken, "127.0.0.1", 0)
+        snap = LoadSnapshot("w", endpoint_token="t", tcp_endpoint=f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        calls, ref = make_calls("tcp", lambda name: snap), SimpleNamespace(name="w", actor=None)
+        try:
+            with pytest.raises(WorkerFailedError, match="w failed"):
+                if op == "prefill":
+                    await calls.prefill(ref, "e", [1], SPEC, False)
+                else:
+                    [c async for c in calls.decode(ref, "e", [1], 2, SPEC, None)]
+        finally:
+            await calls.close()
+            server.close()
+    run(test)

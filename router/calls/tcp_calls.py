@@ -98,7 +98,10 @@ class TcpCalls(WorkerCalls):
         return pool
 
     async def _prefill(self, name: str, pool: _Pool, call: dict) -> PrefillResult:
-        return frames.convert(await self._unary(name, pool, call), PrefillResult)
+        try:
+            return frames.convert(await self._unary(name, pool, call), PrefillResult)
+        except frames.FrameError as err:
+            raise WorkerFailedError(f"{name} failed: an answer that breaks the protocol ({err})") from None
 
     async def _unary(self, name: str, pool: _Pool, call: dict) -> Any:
         reader, writer = await _checkout(name, pool)
@@ -126,8 +129,7 @@ class TcpCalls(WorkerCalls):
                     clean = True
                     _result(name, reply)  # raises for an error
                     return
-                ids, text, finish_reason, kv = reply["chunk"]
-                yield DecodeChunk(tuple(ids), text, finish_reason, kv or {})
+                yield _chunk(name, reply["chunk"])
         except _BROKEN as err:
             raise _unreachable(name, err) from None
         finally:
@@ -155,6 +157,15 @@ def _checkin(pool: _Pool, reader: asyncio.StreamReader, writer: asyncio.StreamWr
         pool.idle.append((reader, writer))
     else:
         writer.close()
+
+
+def _chunk(name: str, chunk: Any) -> DecodeChunk:
+    try:
+        ids, text, finish_reason, kv = chunk
+        return frames.convert({"token_ids": ids, "text": text, "finish_reason": finish_reason, "kv": kv or {}},
+                              DecodeChunk)
+    except (TypeError, ValueError, frames.FrameError) as err:
+        raise WorkerFailedError(f"{name} failed: a chunk that breaks the protocol ({err})") from None
 
 
 def _result(name: str, reply: Any) -> Any:
