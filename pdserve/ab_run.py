@@ -71,12 +71,9 @@ def _summary(runs: list[dict]) -> dict[str, Any]:
     return {"runs": len(runs), "requests": len(rows),
             "router_added_ms_p50": statistics.median(added),
             "router_added_ms_p50_per_run": [r["router_added_ms_median"] for r in runs],
-            "router_added_ms_p90": _pct(added, 0.90), "router_added_ms_p99": _pct(added, 0.99),
+            "router_added_ms_p90": report.nearest_rank(added, 0.90),
+            "router_added_ms_p99": report.nearest_rank(added, 0.99),
             "router_added_ms_max": added[-1],
             "first_to_second_token_ms_p50": statistics.median(row["first_to_second_token_ms"] for row in rows),
             "first_to_second_minus_transfer_and_step_ms_p50": statistics.median(gaps),
             "raw": runs}
-
-
-def _pct(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -151,7 +151,13 @@ def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int =
                      "decode_step_ms_median": statistics.median(x["decode_step_ms"] for x in sel)}
     added = sorted(x["router_added_ms"] for x in rows)
     return {"per_length": by_len, "requests": rows, "warmup_requests": warmup, "router_added_ms_median": statistics.median(added),
-            "router_added_ms_p99": added[min(len(added) - 1, int(0.99 * len(added)))]}
+            "router_added_ms_p99": nearest_rank(added, 0.99)}
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of sorted values as one of them (no interpolation): with few
+    requests, p99 is the worst one. The overheads' tails use it."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _overhead_ids(n: int, r: int, vocab_id: int) -> list[int]:

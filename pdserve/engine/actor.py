@@ -39,27 +39,27 @@ class EngineWorker:
         self.host = EngineHost(engine, model, self.role, connector)
         self.direct = DirectServer(self, kv_host)
         self.tcp = TcpServer(self, kv_host, self.direct.token)
-        self._direct_started: asyncio.Future | None = None
+        self._servers_started: asyncio.Future | None = None
 
     async def info(self) -> ModelInfo:
         """What this worker serves (also the readiness probe: returns once the engine is up and
-        the direct server serves)."""
-        await self._serve_direct()
+        the request servers serve)."""
+        await self._start_servers()
         return self.host.info
 
     async def load(self) -> LoadSnapshot:
         """The engine's latest load, with the request servers' addresses and token (polled by the
         router)."""
-        endpoint, tcp_endpoint = await self._serve_direct()
+        endpoint, tcp_endpoint = await self._start_servers()
         return replace(self.host.load(self.name), endpoint=endpoint, endpoint_token=self.direct.token,
                        tcp_endpoint=tcp_endpoint)
 
-    async def _serve_direct(self) -> list[str]:
+    async def _start_servers(self) -> list[str]:
         """The request servers' endpoints (gRPC, TCP), started on the first call (the actor's loop
         runs by then)."""
-        if self._direct_started is None:
-            self._direct_started = asyncio.gather(self.direct.start(), self.tcp.start())
-        return await asyncio.shield(self._direct_started)
+        if self._servers_started is None:
+            self._servers_started = asyncio.gather(self.direct.start(), self.tcp.start())
+        return await asyncio.shield(self._servers_started)
 
     async def pid(self) -> int:
         """This worker's process id (operators, and the fault-injection tests that kill it)."""
