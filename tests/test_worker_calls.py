@@ -243,10 +243,11 @@ def test_a_call_sent_right_after_an_answer_is_read_whole_as_the_next_call():
 
 # (the call, the answer a broken worker sends)
 BROKEN = [("prefill", {"result": {"token_id": "x"}}), ("prefill", ["result"]), ("decode", {"chunk": [1]}),
-          ("decode", {"chunk": [["a"], "t", None, {}]}), ("decode", {"what": True})]
+          ("decode", {"chunk": [["a"], "t", None, {}]}), ("decode", {"what": True}), ("decode", 7)]
 
 
-@pytest.mark.parametrize("op,answer", BROKEN, ids=["bad-result", "not-a-map", "short-chunk", "bad-ids", "unknown"])
+@pytest.mark.parametrize("op,answer", BROKEN, ids=["bad-result", "not-a-map", "short-chunk", "bad-ids", "unknown",
+                                                   "stream-not-a-map"])
 def test_an_answer_that_breaks_the_protocol_is_a_worker_failure(op, answer):
     """Whatever a worker's server answers, the router sees one of pdserve's errors."""
     async def test():

@@ -23,7 +23,7 @@ CONNECT_TIMEOUT_S = 10.0
 """Bound on opening a connection to a worker (an unreachable worker fails the call)."""
 MAX_IDLE = 64
 """Idle connections kept per worker; more are closed when given back."""
-_BROKEN = (asyncio.IncompleteReadError, ConnectionError, frames.FrameError, OSError)
+_BROKEN = (asyncio.IncompleteReadError, OSError, frames.FrameError)  # ConnectionError is an OSError
 
 
 class _Pool:
@@ -125,9 +125,9 @@ class TcpCalls(WorkerCalls):
             writer.write(frames.pack(call))
             while True:
                 reply = await frames.read(reader)
-                if "chunk" not in reply:
+                if not (isinstance(reply, dict) and "chunk" in reply):
                     clean = True
-                    _result(name, reply)  # raises for an error
+                    _result(name, reply)  # raises for an error or an answer that breaks the protocol
                     return
                 yield _chunk(name, reply["chunk"])
         except _BROKEN as err:
