@@ -181,3 +181,23 @@ def test_a_bench_ab_variant_changes_one_setting_and_is_validated(tmp_path, key, 
         assert replace(variant, **{section: getattr(original, section)}) == original
     else:
         assert replace(variant, **{field: getattr(original, field)}) == original
+
+
+def _ab_row(n: int, kv: float, raw: float, first: float, step: float) -> dict:
+    return {"prompt_tokens": n, "kv_transfer_ms": kv, "raw_tcp_ms": raw, "first_to_second_token_ms": first,
+            "decode_step_ms": step, "router_added_ms": 1.0}
+
+
+def test_bench_ab_pools_each_length_over_its_runs():
+    """The per-length medians pool every run's requests of that length (3 runs of 1 here), and
+    the fraction is raw TCP's median over the transfer's, both of the same requests."""
+    from pdserve import ab_run
+
+    runs = [{"requests": [_ab_row(n, kv * n, raw * n, 40.0 + kv, 30.0) for n in ab_run.LENGTHS],
+             "router_added_ms_median": 1.0} for kv, raw in ((2.0, 1.0), (4.0, 1.0), (3.0, 3.0))]
+    summary = ab_run._summary(runs)
+    for n in ab_run.LENGTHS:
+        assert summary["per_length"][n] == {"kv_transfer_ms_p50": 3.0 * n, "raw_tcp_ms_p50": 1.0 * n,
+                                            "transport_fraction_of_raw": 1 / 3, "first_to_second_token_ms_p50": 43.0,
+                                            "decode_step_ms_p50": 30.0}
+    assert summary["requests"] == 3 * len(ab_run.LENGTHS)
