@@ -22,6 +22,7 @@ lease frees the blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -40,6 +41,7 @@ from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger("pdserve.router")
 _CLEANUP_TIMEOUT_S = 10.0
+_CUT = object()  # ``_next``'s answer for a request the drain cut
 
 __all__ = ["Dispatcher", "FinalEvent", "TokenEvent", "WorkerFailedError", "router_block_tokens"]
 
@@ -65,9 +67,12 @@ class Dispatcher:
         self.draining = False
         """Set by ``drain``: new requests are refused (UNAVAILABLE)."""
         self.cutting = False
-        """Set by ``drain`` when its grace ended: the consumers of the requests still running are
-        cancelled, and each ends its stream with ``FinalEvent.cut``."""
+        """Set by ``drain`` when its grace ended: every request still running ends its stream
+        with ``FinalEvent.cut`` (finish reason ``shutdown``)."""
         self._consumers: dict[int, asyncio.Task] = {}
+        """The tasks awaiting a request's next event, by request (``_next``)."""
+        self._cut: set[asyncio.Task] = set()
+        """The tasks ``drain`` cancelled to cut their requests."""
         self._abandoned: set[asyncio.Task] = set()
         self.paths = RequestPaths(prefill, decode, split, self.calls, retries, retry_wait_s, kv_lease_s / 3,
                                   lambda: self.in_flight, self._abandon)
@@ -84,17 +89,22 @@ class Dispatcher:
         return [p for p in (self.prefill, self.decode) if p is not None]
 
     async def run(self, req: RouterRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
-        """Stream the request's events; raises InvalidRequestError, OverloadedError,
-        NoInstanceError (or WorkerFailedError), or CancelledError, after cleaning up."""
+        """Stream the request's events, the last a ``FinalEvent`` (finish reason ``shutdown`` if
+        the router's drain cut it); raises InvalidRequestError, OverloadedError, NoInstanceError
+        (or WorkerFailedError), or CancelledError, after cleaning up."""
         if self.draining:
             raise NoInstanceError("the router is shutting down; retry (on another replica)")
-        legs = Legs()
+        legs, sent, event = Legs(), 0, None
         self.in_flight += 1
-        self._consumers[id(legs)] = asyncio.current_task()  # the task iterating us, for ``drain``
         try:
-            async for event in self._run(req, legs):
-                yield event
-                self._consumers[id(legs)] = asyncio.current_task()
+            async with contextlib.aclosing(self._run(req, legs)) as events:
+                while (event := await self._next(events, legs)) is not None and event is not _CUT:
+                    sent += len(getattr(event, "token_ids", ()))
+                    yield event
+            if event is _CUT:
+                log_end(req, legs, asyncio.CancelledError("cut by the router's shutdown"))
+                req.to(RequestState.CANCELLED)
+                yield FinalEvent.cut(sent)
         except BaseException as err:
             if not req.state.terminal:
                 log_end(req, legs, err)
@@ -102,14 +112,31 @@ class Dispatcher:
             raise
         finally:
             self.in_flight -= 1
-            self._consumers.pop(id(legs), None)
             await asyncio.shield(self._cleanup(req, legs))
             self._record(request_record(req, legs))
 
+    async def _next(self, events: AsyncIterator, legs: Legs) -> Any:
+        """The request's next event, None at its end, or ``_CUT`` once ``drain`` cut it. Only while
+        the consumer awaits here may ``drain`` cancel its task: between events the consumer is in
+        its front end's code (writing to the client), where a cancel would break the stream."""
+        if self.cutting:
+            return _CUT
+        task = asyncio.current_task()
+        self._consumers[id(legs)] = task
+        try:
+            return await anext(events, None)
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise
+            task.uncancel()
+            return _CUT
+        finally:
+            self._consumers.pop(id(legs), None)
+
     async def drain(self, grace_s: float, settle_s: float = 10.0) -> int:
-        """Refuse new requests, let running ones end within ``grace_s``, then cut the rest (their
-        consumers end each stream with ``FinalEvent.cut``) and wait, bounded, for their cleanup.
-        Called once, by ``RouterServer.stop``; returns how many requests were cut."""
+        """Refuse new requests, let running ones end within ``grace_s``, then cut the rest (each
+        stream ends with ``FinalEvent.cut``) and wait, bounded, for their cleanup. Called once, by
+        ``RouterServer.stop``; returns how many requests were cut."""
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
@@ -118,7 +145,8 @@ class Dispatcher:
         cut = self.in_flight
         if cut:
             self.cutting = True
-            for task in list(self._consumers.values()):
+            self._cut = set(self._consumers.values())
+            for task in self._cut:
                 task.cancel("pdserve router shutdown")
             deadline = loop.time() + settle_s
             while self.in_flight and loop.time() < deadline:

@@ -66,11 +66,9 @@ class PdServeService(pb_grpc.PdServeServicer):
         if req.request_id in self._in_flight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already running")
         self._in_flight.add(req.request_id)
-        sent = 0
         try:
             async with asyncio.timeout(self._timeout(context)):
                 async for event in self.dispatcher.run(req):
-                    sent += len(getattr(event, "token_ids", ()))
                     yield _to_proto(req.request_id, event)
         except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -81,11 +79,6 @@ class PdServeService(pb_grpc.PdServeServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{err}; retry after {err.retry_after_s:.0f} s")
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id} timed out")
-        except asyncio.CancelledError:
-            if not self.dispatcher.cutting:
-                raise
-            asyncio.current_task().uncancel()  # cut by the shutdown: end the stream cleanly
-            yield _to_proto(req.request_id, FinalEvent.cut(sent))
         except grpc.aio.AbortError:
             raise
         except Exception as err:  # a bug must not take the server down: log it, answer INTERNAL

@@ -151,19 +151,13 @@ class HttpFrontEnd:
     async def _whole(self, meta: tuple, first: Any, events: AsyncIterator, deadline: float) -> Response:
         text = first.text if isinstance(first, TokenEvent) else ""
         final = first if isinstance(first, FinalEvent) else None
-        tokens = len(getattr(first, "token_ids", ()))
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in events:
                     if isinstance(event, TokenEvent):
-                        text, tokens = text + event.text, tokens + len(event.token_ids)
+                        text += event.text
                     else:
                         final = event
-        except asyncio.CancelledError:
-            if not self.dispatcher.cutting:
-                raise
-            asyncio.current_task().uncancel()  # cut by the shutdown: answer what there is
-            final = FinalEvent.cut(tokens)
         except BaseException as err:
             return _status_error(err)
         finally:
@@ -173,20 +167,13 @@ class HttpFrontEnd:
     async def _sse(self, meta: tuple, first: Any, events: AsyncIterator, deadline: float,
                    include_usage: bool) -> AsyncIterator[str]:
         """The event stream; closing it (client gone) closes ``events``, which aborts the request."""
-        tokens = 0
         try:
             event, is_first = first, True
             async with asyncio.timeout_at(deadline):
                 while event is not None:
                     yield from_event(meta, event, is_first, include_usage)
-                    tokens += len(getattr(event, "token_ids", ()))
                     is_first = False
                     event = await anext(events, None)
-        except asyncio.CancelledError:
-            if not self.dispatcher.cutting:
-                raise
-            asyncio.current_task().uncancel()  # cut by the shutdown: a final chunk, then the end
-            yield from_event(meta, FinalEvent.cut(tokens), False, include_usage)
         except Exception as err:  # mid-stream failure: an error event, then the end
             body = _status_body(err)[1]
             yield f"data: {json.dumps(body)}\n\n"
