@@ -76,16 +76,5 @@ def _summary(runs: list[dict]) -> dict[str, Any]:
             "router_added_ms_max": added[-1],
             "first_to_second_token_ms_p50": statistics.median(row["first_to_second_token_ms"] for row in rows),
             "first_to_second_minus_transfer_and_step_ms_p50": statistics.median(gaps),
-            "per_length": {n: _length_summary([row for row in rows if row["prompt_tokens"] == n]) for n in LENGTHS},
+            "per_length": report.per_length(rows, LENGTHS),
             "raw": runs}
-
-
-def _length_summary(rows: list[dict]) -> dict[str, float]:
-    """Pooled medians for one prompt length: the KV transfer against raw TCP of the same bytes
-    (each measured in its own run), and the first-to-second-token gap."""
-    kv_ms = statistics.median(row["kv_transfer_ms"] for row in rows)
-    raw_ms = statistics.median(row["raw_tcp_ms"] or 0 for row in rows)
-    return {"kv_transfer_ms_p50": kv_ms, "raw_tcp_ms_p50": raw_ms,
-            "transport_fraction_of_raw": raw_ms / kv_ms if kv_ms else None,
-            "first_to_second_token_ms_p50": statistics.median(row["first_to_second_token_ms"] for row in rows),
-            "decode_step_ms_p50": statistics.median(row["decode_step_ms"] for row in rows)}

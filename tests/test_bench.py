@@ -184,8 +184,8 @@ def test_a_bench_ab_variant_changes_one_setting_and_is_validated(tmp_path, key, 
 
 
 def _ab_row(n: int, kv: float, raw: float, first: float, step: float) -> dict:
-    return {"prompt_tokens": n, "kv_transfer_ms": kv, "raw_tcp_ms": raw, "first_to_second_token_ms": first,
-            "decode_step_ms": step, "router_added_ms": 1.0}
+    return {"prompt_tokens": n, "kv_transfer_bytes": n * 2**20, "kv_transfer_ms": kv, "raw_tcp_ms": raw,
+            "first_to_second_token_ms": first, "decode_step_ms": step, "router_added_ms": 1.0}
 
 
 def test_bench_ab_pools_each_length_over_its_runs():
@@ -197,7 +197,8 @@ def test_bench_ab_pools_each_length_over_its_runs():
              "router_added_ms_median": 1.0} for kv, raw in ((2.0, 1.0), (4.0, 1.0), (3.0, 3.0))]
     summary = ab_run._summary(runs)
     for n in ab_run.LENGTHS:
-        assert summary["per_length"][n] == {"kv_transfer_ms_p50": 3.0 * n, "raw_tcp_ms_p50": 1.0 * n,
-                                            "transport_fraction_of_raw": 1 / 3, "first_to_second_token_ms_p50": 43.0,
-                                            "decode_step_ms_p50": 30.0}
+        assert summary["per_length"][n] == pytest.approx({
+            "kv_transfer_bytes": n * 2**20, "kv_transfer_ms_median": 3.0 * n, "raw_tcp_ms_median": 1.0 * n,
+            "transport_mib_s": 1000 / 3, "raw_tcp_mib_s": 1000.0, "transport_fraction_of_raw": 1 / 3,
+            "router_added_ms_median": 1.0, "first_to_second_token_ms_median": 43.0, "decode_step_ms_median": 30.0})
     assert summary["requests"] == 3 * len(ab_run.LENGTHS)

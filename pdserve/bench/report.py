@@ -137,6 +137,16 @@ def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int =
                 rows.append(_overhead_row(client, n, _overhead_ids(n, r, vocab_id)))
     finally:
         client.close()
+    added = sorted(x["router_added_ms"] for x in rows)
+    return {"per_length": per_length(rows, lengths), "requests": rows, "warmup_requests": warmup, "router_added_ms_median": statistics.median(added),
+            "router_added_ms_p99": nearest_rank(added, 0.99)}
+
+
+def per_length(rows: list[dict], lengths: Sequence[int]) -> dict[int, dict]:
+    """Medians per prompt length over ``rows`` (``overheads``' requests, of one run or pooled
+    over several by ``bench-ab``): KV bytes and transfer time against raw TCP of the same bytes,
+    their throughputs and ratio, the router's added latency, the first-to-second-token gap and
+    one decode step."""
     by_len = {}
     for n in lengths:
         sel = [x for x in rows if x["prompt_tokens"] == n]
@@ -149,9 +159,7 @@ def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int =
                      "router_added_ms_median": statistics.median(x["router_added_ms"] for x in sel),
                      "first_to_second_token_ms_median": statistics.median(x["first_to_second_token_ms"] for x in sel),
                      "decode_step_ms_median": statistics.median(x["decode_step_ms"] for x in sel)}
-    added = sorted(x["router_added_ms"] for x in rows)
-    return {"per_length": by_len, "requests": rows, "warmup_requests": warmup, "router_added_ms_median": statistics.median(added),
-            "router_added_ms_p99": nearest_rank(added, 0.99)}
+    return by_len
 
 
 def nearest_rank(ordered: Sequence[float], q: float) -> float:
