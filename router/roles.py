@@ -7,9 +7,12 @@ in ``both``, so an adaptive deployment starts as a colocated one that disaggrega
 with one engine in ``prefill`` and one in ``decode`` it is the fixed 1:1 split.
 
 The router feeds it every finished request that carries an SLO (``on_request``) and calls
-``rebalance`` from its load poller. A phase is short as soon as the last ``window`` such requests
-hold more misses than a full window may (``(1 - target) x window``): a clear shortfall is acted
-on at once, without waiting for the window to fill. Only requests that began under the current
+``rebalance`` from its load poller. A request counts against a phase when its latency there passes
+``headroom`` x its SLO (at risk, whether or not it missed): acting on those, not on misses, gives
+the phase an engine while the load is still within the SLO, so the change is made before the
+attainment falls. A phase is short as soon as the last ``window`` such requests hold more at-risk
+requests than a full window may miss (``(1 - target) x window``): a clear shortfall is acted on at
+once, without waiting for the window to fill. Only requests that began under the current
 roles count (one that began before the last change saw the old ones). Then:
 - TTFT attainment below ``target`` while TPOT attainment meets it: prefill is short. An engine in
   ``decode`` goes back to ``both``; else one in ``both`` becomes ``prefill``, so its prompts stop
@@ -39,7 +42,8 @@ BOTH, PREFILL, DECODE = "both", "prefill", "decode"
 @dataclass(frozen=True)
 class RoleChange:
     """One engine's change of role, and why: ``reason`` (``ttft_short`` or ``tpot_short``, a
-    decision label in the metrics) and the short phase's ``attainment`` over the window."""
+    decision label in the metrics) and the short phase's ``attainment`` over the window (of its
+    SLO scaled by the headroom)."""
 
     instance: str
     old: str
@@ -52,9 +56,9 @@ class RoleBalancer:
     """The roles of one adaptive deployment's engines."""
 
     def __init__(self, instances: Sequence[str], target: float = 0.9, window: int = 50,
-                 cooldown_s: float = 10.0) -> None:
+                 cooldown_s: float = 10.0, headroom: float = 1.0) -> None:
         self.roles = {name: BOTH for name in instances}
-        self.target, self.cooldown_s = target, cooldown_s
+        self.target, self.cooldown_s, self.headroom = target, cooldown_s, headroom
         self._window: deque[tuple[bool, bool]] = deque(maxlen=window)
         self._allowed = int((1 - target) * window + 1e-9)
         """Misses per phase a full window may hold and still meet the target."""
@@ -107,7 +111,7 @@ class RoleBalancer:
         """Window the requests finished since the last poll that began under the current roles."""
         for record in self._finished:
             if now - (record.e2e_s or 0.0) >= self._last_change:
-                self._window.append(record.slo_met())
+                self._window.append(record.slo_met(self.headroom))
         self._finished.clear()
 
     def _shift(self, loads: Sequence[LoadSnapshot], undo: str, to: str, reason: str,

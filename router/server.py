@@ -69,7 +69,8 @@ class RouterServer:
         watchdog = settings.faults.progress_timeout_s
         adaptive = settings.mode == "adaptive"  # one set of kv_both engines behind both pools
         self.roles = RoleBalancer([w.name for w in prefill], window=settings.routing.role_window,
-                                  cooldown_s=settings.routing.role_cooldown_s) if adaptive else None
+                                  cooldown_s=settings.routing.role_cooldown_s,
+                                  headroom=settings.routing.role_headroom) if adaptive else None
         self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog,
                                   self.roles.takes_prompts if adaptive else None)
         self.decode = None if colocated else WorkerPool(

@@ -95,3 +95,16 @@ def test_requests_without_slo_are_not_counted():
 def test_a_zero_window_never_changes_roles():
     balancer = RoleBalancer(["e0", "e1", "e2"], window=0, cooldown_s=0.0)
     assert fed(balancer, 4, 0).rebalance(LOADS, now=100.0) == []
+
+
+@pytest.mark.parametrize("headroom,tpot_s,acts", [(1.0, 0.09, False), (0.8, 0.09, True), (0.8, 0.079, False),
+                                                  (0.8, 0.3, True), (1.0, 0.3, True)])
+def test_a_phase_near_its_slo_is_short_before_it_misses(headroom, tpot_s, acts):
+    """With headroom below 1, requests that met the TPOT SLO within less than that margin count
+    against decode: the split comes while attainment still meets the target."""
+    balancer = RoleBalancer(["e0", "e1"], window=10, cooldown_s=0.0, headroom=headroom)
+    for i in range(10):
+        balancer.on_request(RequestRecord(Outcome.FINISHED, ttft_s=0.5, inter_token_s=(0.05 if i < 8 else tpot_s,) * 2,
+                                          ttft_slo_s=1.0, tpot_slo_s=0.1, e2e_s=1.0))
+    got = balancer.rebalance(LOADS[:2], now=1.0)
+    assert [(c.new, c.reason) for c in got] == ([("decode", "tpot_short"), ("prefill", "tpot_short")] if acts else [])

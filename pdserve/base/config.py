@@ -101,6 +101,10 @@ class RoutingConfig:
     role_cooldown_s: float = 3.0
     """``mode: adaptive``: the least time between two changes of role (only requests that began
     after a change count towards the next)."""
+    role_headroom: float = 0.8
+    """``mode: adaptive``: a request counts against a phase once its latency passes this fraction
+    of its SLO, so a phase short of capacity gets an engine while its attainment still meets the
+    target; 1: act on misses only."""
     worker_calls: str = "tcp"
     """How the router's request calls reach the workers: ``tcp`` (msgpack frames on plain TCP
     connections to each worker's own request server, no Ray hop; half the router's added latency of
@@ -114,6 +118,7 @@ class RoutingConfig:
         require(self.worker_calls in WORKER_CALLS, f"routing.worker_calls must be one of {WORKER_CALLS}")
         require(self.role_window >= 0 and self.role_cooldown_s >= 0,
                  "routing.role_window and routing.role_cooldown_s must be >= 0")
+        require(0 < self.role_headroom <= 1, "routing.role_headroom must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -189,11 +189,12 @@ class RequestRecord:
         """Mean time per output token after the first (None with fewer than two tokens)."""
         return sum(self.inter_token_s) / len(self.inter_token_s) if self.inter_token_s else None
 
-    def slo_met(self) -> tuple[bool, bool]:
-        """(TTFT met, TPOT met); an unset target counts as met."""
-        ttft_ok = not self.ttft_slo_s or (self.ttft_s is not None and self.ttft_s <= self.ttft_slo_s)
+    def slo_met(self, scale: float = 1.0) -> tuple[bool, bool]:
+        """(TTFT met, TPOT met) against the targets scaled by ``scale`` (below 1: met with that
+        headroom); an unset target counts as met."""
+        ttft_ok = not self.ttft_slo_s or (self.ttft_s is not None and self.ttft_s <= scale * self.ttft_slo_s)
         tpot = self.tpot_s
-        tpot_ok = not self.tpot_slo_s or tpot is None or tpot <= self.tpot_slo_s
+        tpot_ok = not self.tpot_slo_s or tpot is None or tpot <= scale * self.tpot_slo_s
         return ttft_ok, tpot_ok
 
 
