@@ -1,8 +1,10 @@
 """pdserve's KV-transfer layer: a vLLM KV connector with pluggable transports.
 
 Design: **pull**. The prefill engine computes the prompt and one token; its connector keeps the
-request's blocks (vLLM's delay-free) and returns a ``KvHandle`` (host, port, request id, token
-count). The router passes the handle to the decode instance it chose *after* the prefill; the
+request's blocks (vLLM's delay-free) and returns a ``KvHandle`` (host, each tensor-parallel rank's
+ports, request id, token count). Each rank's KV servers bind ports the OS picks when the engine
+starts, and report them to the scheduler side through vLLM's connector handshake: no port is
+chosen ahead and found taken at bind time. The router passes the handle to the decode instance it chose *after* the prefill; the
 decode engine's connector claims the prompt tokens as an asynchronous external load, vLLM
 allocates the blocks and parks the request, and a worker thread pulls the blocks from the
 prefill's KV server straight into them with the transport the handle names (``transports``:

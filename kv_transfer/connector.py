@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
@@ -44,8 +45,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = SchedulerSide(settings, vllm_config.cache_config.block_size, producer,
-                                        vllm_config.parallel_config.tensor_parallel_size)
+            self._sched = SchedulerSide(settings, vllm_config.cache_config.block_size, producer)
         else:
             self._worker = WorkerSide(settings, kv_cache_config.num_blocks, producer)
 
@@ -83,11 +83,18 @@ class PdserveConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         return self._worker.take_reports()
 
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        """This rank's bound KV ports; vLLM hands every rank's to ``set_xfer_handshake_metadata``."""
+        return self._worker.served_ports()
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
 
     # ---- scheduler side ----------------------------------------------------------------------
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        self._sched.set_served_ports(metadata)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 

@@ -40,7 +40,7 @@ def release(handle: KvHandle, rank: int | None = None, timeout_s: float = 2.0) -
     unknown or refused (wrong secret). Blocks the caller for at most about 3 x ``timeout_s``."""
     request = pb.ReleaseRequest(request_id=handle.request_id, secret=handle.secret)
     ranks = range(handle.tp_size) if rank is None else (rank,)
-    return all([_release_one(stub(handle.host, handle.port + r), request, timeout_s) for r in ranks])
+    return all([_release_one(stub(handle.host, handle.control_port(r)), request, timeout_s) for r in ranks])
 
 
 def _release_one(kv: pb_grpc.KvTransferStub, request: pb.ReleaseRequest, timeout_s: float) -> bool:
@@ -62,7 +62,7 @@ def renew(handle: KvHandle, timeout_s: float = 2.0) -> float:
     granted = []
     for rank in range(handle.tp_size):
         try:
-            granted.append(stub(handle.host, handle.port + rank).Renew(request, timeout=timeout_s).lease_s)
+            granted.append(stub(handle.host, handle.control_port(rank)).Renew(request, timeout=timeout_s).lease_s)
         except grpc.RpcError:
             granted.append(0.0)
     return min(granted)

@@ -61,13 +61,16 @@ class _KvServicer(pb_grpc.KvTransferServicer):
         return pb.RenewResponse(lease_s=granted)
 
 
-def start_server(gate: PullGate, layout: KvLayout, host: str, port: int, chunk_blocks: int) -> grpc.Server:
-    """Serve ``gate``'s holds on host:port (SO_REUSEPORT off: a taken port is an error, never a
-    shared one); the caller stops it at shutdown."""
+def start_server(gate: PullGate, layout: KvLayout, host: str, chunk_blocks: int,
+                 port: int = 0) -> tuple[grpc.Server, int]:
+    """Serve ``gate``'s holds on host:port (0: a port the OS picks; SO_REUSEPORT off: a taken
+    port is an error, never a shared one); returns the server, which the caller stops at
+    shutdown, and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="pdserve-kv"),
                          options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
     pb_grpc.add_KvTransferServicer_to_server(_KvServicer(gate, layout, chunk_blocks), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
         raise OSError(f"KV server cannot bind {host}:{port}")
     server.start()
-    return server
+    return server, bound

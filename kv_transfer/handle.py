@@ -21,8 +21,10 @@ class KvHandle:
     """The prefill instance's KV for one request, ready to pull."""
 
     host: str
-    """Address of the prefill instance's KV server."""
-    port: int
+    """Address of the prefill instance's KV servers."""
+    ports: tuple[int, ...]
+    """The gRPC control server's port (release, renew, and the ``grpc`` transport's pulls) of each
+    tensor-parallel rank of the prefill engine; rank r holds its KV shard behind ``ports[r]``."""
     request_id: str
     """The prefill engine's internal id of the request (the KV server's key)."""
     num_tokens: int
@@ -32,12 +34,22 @@ class KvHandle:
     secret: str = ""
     """The per-transfer secret: the KV server answers only calls that carry it."""
     transport: str = "grpc"
-    """The transport that carries the bytes (``kv_transfer.transports``); ``port`` is always the
-    gRPC control server (release, renew)."""
-    data_port: int = 0
-    """The transport's own port, when it has one (``tcp``)."""
-    tp_size: int = 1
-    """Tensor-parallel ranks of the prefill engine: rank r serves its shard on port + r."""
+    """The transport that carries the bytes (``kv_transfer.transports``)."""
+    data_ports: tuple[int, ...] = ()
+    """Each rank's port of the transport's own server, when it has one (``tcp``, ``gloo``)."""
+
+    @property
+    def tp_size(self) -> int:
+        """Tensor-parallel ranks of the prefill engine."""
+        return len(self.ports)
+
+    def control_port(self, rank: int) -> int:
+        """Rank ``rank``'s control server port."""
+        return self.ports[rank]
+
+    def data_port(self, rank: int) -> int:
+        """Rank ``rank``'s port of the transport's own server."""
+        return self.data_ports[rank]
 
     def to_params(self) -> dict[str, Any]:
         """The dict form carried in vLLM's ``kv_transfer_params``."""
@@ -48,7 +60,8 @@ class KvHandle:
         """Parse ``kv_transfer_params``; None when they hold no pdserve handle."""
         if not params or "pdserve_kv" not in params:
             return None
-        return cls(**params["pdserve_kv"])
+        fields = dict(params["pdserve_kv"])
+        return cls(**{**fields, "ports": tuple(fields["ports"]), "data_ports": tuple(fields.get("data_ports", ()))})
 
 
 @dataclass(frozen=True)

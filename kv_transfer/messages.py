@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorHandshakeMetadata, KVConnectorMetadata,
+                                                              KVConnectorWorkerMetadata)
 
 from kv_transfer.handle import KvHandle, LoadReport
 
@@ -14,13 +15,10 @@ class ConnectorSettings:
     """Read from ``kv_connector_extra_config`` (written by the worker actor from the config)."""
 
     host: str = "127.0.0.1"
-    """Address this engine's KV server binds and advertises (producer)."""
-    port: int = 0
-    """Port of this engine's KV control server (producer; chosen free by the worker actor)."""
+    """Address this engine's KV servers bind and advertise (producer; each binds a port the OS
+    picks, published to the scheduler side by vLLM's connector handshake)."""
     transport: str = "tcp"
     """The transport this engine serves its KV on (producer; ``kv_transfer.transports``)."""
-    data_port: int = 0
-    """Port of the transport's own server, when it has one (producer; chosen by the actor)."""
     lease_s: float = 60.0
     """Free held blocks after this long without a release."""
     load_timeout_s: float = 30.0
@@ -35,6 +33,16 @@ class ConnectorSettings:
         """Pick this class's keys out of vLLM's extra config dict."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (extra or {}).items() if k in names})
+
+
+@dataclass(frozen=True)
+class ServedPorts(KVConnectorHandshakeMetadata):
+    """One producer rank's bound KV ports, sent by its worker side to the scheduler side (vLLM's
+    connector handshake, once at engine start) so the handles it issues name them."""
+
+    control_port: int
+    data_port: int = 0
+    """0 when the transport has no server of its own."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from vllm.v1.request import RequestStatus
 
 from kv_transfer.handle import DO_REMOTE_DECODE, FAULT, KvHandle, LoadReport
-from kv_transfer.messages import ConnectorSettings, LoadSpec, PdserveConnectorMeta, PdserveWorkerMeta, SendSpec
+from kv_transfer.messages import (ConnectorSettings, LoadSpec, PdserveConnectorMeta, PdserveWorkerMeta, SendSpec,
+                                  ServedPorts)
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -26,15 +27,20 @@ if TYPE_CHECKING:
 class SchedulerSide:
     """State kept between the scheduler's connector calls (single-threaded by vLLM)."""
 
-    def __init__(self, settings: ConnectorSettings, block_size: int, is_producer: bool, tp_size: int = 1) -> None:
+    def __init__(self, settings: ConnectorSettings, block_size: int, is_producer: bool) -> None:
         self._settings, self._block_size, self._is_producer = settings, block_size, is_producer
-        self._tp_size = tp_size
+        self._served: dict[int, ServedPorts] = {}
         self._sends: list[SendSpec] = []
         self._loads: list[LoadSpec] = []
         self._cancels: list[str] = []
         self._claimed: set[str] = set()   # handle already used: never load twice (preemption)
         self._loading: set[str] = set()   # pull in flight: blocks must outlive an abort
         self._reports: dict[str, LoadReport] = {}
+
+    def set_served_ports(self, served: dict[int, ServedPorts]) -> None:
+        """Each producer rank's bound KV ports (vLLM's connector handshake, at engine start, before
+        any request): the handles this side issues name them."""
+        self._served = dict(served)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens loadable from the request's handle beyond the local hit; async when > 0."""
@@ -85,10 +91,14 @@ class SchedulerSide:
         secret = secrets.token_hex(16)
         self._sends.append(SendSpec(rid, list(block_ids), str(params.get(FAULT, "")), secret))
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
-        s = self._settings
-        held = KvHandle(s.host, s.port, rid, num_tokens, len(block_ids), self._block_size, secret, s.transport,
-                        s.data_port, self._tp_size)
+        held = KvHandle(self._settings.host, self._ports("control_port"), rid, num_tokens, len(block_ids),
+                        self._block_size, secret, self._settings.transport, self._ports("data_port"))
         return True, held.to_params()
+
+    def _ports(self, kind: str) -> tuple[int, ...]:
+        if not self._served:
+            raise RuntimeError("no KV server ports: vLLM did not pass the connector handshake")
+        return tuple(getattr(self._served[rank], kind) for rank in sorted(self._served))
 
     def _finish_consumer(self, request: Request, handle: KvHandle) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id

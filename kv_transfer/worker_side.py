@@ -21,7 +21,7 @@ from kv_transfer import control, grpc_server, transports
 from kv_transfer.handle import LoadReport
 from kv_transfer.layout import KvLayout, KvLayoutError
 from kv_transfer.leases import HeldKv, PullGate
-from kv_transfer.messages import ConnectorSettings, LoadSpec, PdserveConnectorMeta, PdserveWorkerMeta
+from kv_transfer.messages import ConnectorSettings, LoadSpec, PdserveConnectorMeta, PdserveWorkerMeta, ServedPorts
 
 log = logging.getLogger("pdserve.kv")
 PULL_THREADS = 8
@@ -35,6 +35,7 @@ class WorkerSide:
         self._settings, self._num_blocks, self._is_producer = settings, num_blocks, is_producer
         self._held = HeldKv(settings.lease_s)
         self._layout: KvLayout | None = None
+        self._served: ServedPorts | None = None
         self._stops: list = []
         self._rank = 0
         self._pool = ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="pdserve-kv-pull")
@@ -45,26 +46,31 @@ class WorkerSide:
         self._reports: dict[str, LoadReport] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Index the KV tensors; a producer starts its KV server here, one port per tensor-parallel
-        rank (the handle's port + rank), so a pull always reaches the rank holding its shard."""
+        """Index the KV tensors; a producer starts this rank's KV servers here, on ports the OS
+        picks (never a port chosen earlier and taken meanwhile), which ``served_ports`` reports
+        for the handles: a pull always reaches the rank holding its shard."""
         rank, size = _tp_rank_size()
         self._rank = rank
         self._layout = KvLayout(kv_caches, self._num_blocks, f"{self._settings.model}|tp {rank}/{size}")
         if self._is_producer:
-            self._serve(rank)
+            self._served = self._serve()
 
-    def _serve(self, rank: int) -> None:
+    def served_ports(self) -> ServedPorts | None:
+        """This rank's bound KV ports (a producer's, once ``register_kv_caches`` ran), else None."""
+        return self._served
+
+    def _serve(self) -> ServedPorts:
         s, layout = self._settings, self._layout
         gate = PullGate(self._held, layout.fingerprint)
-        control_server = grpc_server.start_server(gate, layout, s.host, s.port + rank, s.chunk_blocks)
+        control_server, control_port = grpc_server.start_server(gate, layout, s.host, s.chunk_blocks)
         self._stops.append(lambda: control_server.stop(grace=0))
-        transport = transports.get(s.transport)
-        data_port = s.data_port + rank if transport.data_port else 0
-        stop = transport.serve(transports.ServeContext(gate, layout, s.host, data_port, s.chunk_blocks))
-        if stop is not None:
-            self._stops.append(stop)
-        log.info("KV server on %s:%d, transport %s%s (%d layers, %d bytes/block)", s.host, s.port + rank,
-                 s.transport, f" on port {data_port}" if data_port else "", layout.num_layers, layout.block_bytes())
+        serving = transports.get(s.transport).serve(transports.ServeContext(gate, layout, s.host, s.chunk_blocks))
+        if serving is not None:
+            self._stops.append(serving.stop)
+        served = ServedPorts(control_port, serving.port if serving else 0)
+        log.info("KV server on %s:%d, transport %s%s (%d layers, %d bytes/block)", s.host, control_port, s.transport,
+                 f" on port {served.data_port}" if served.data_port else "", layout.num_layers, layout.block_bytes())
+        return served
 
     def start_step(self, meta: PdserveConnectorMeta) -> None:
         """Take this step's holds, cancels and pulls (called every engine step)."""

@@ -101,18 +101,26 @@ class Cluster:
 
         cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker, "flex": FlexWorker}[role]
         pool, cfg = (self.decode, self.cfg.decode) if role == "decode" else (self.prefill, self.cfg.prefill)
-        name = f"{role}-{sum(w.role == role for w in self.workers)}"
+        taken = {w.name for w in self.workers}
+        name = next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
         worker = self._spawn(cls, name, self.model_info.model, len(self.workers), self._use_gpu(), cfg.ray_resources, kv)
         if wait:
-            ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
+            try:
+                ray.get(worker.actor.info.remote(), timeout=self.ready_timeout_s)
+            except BaseException:
+                ray.kill(worker.actor)
+                raise
         pool.append(worker)
         return worker
 
     def remove_worker(self, name: str) -> None:
-        """Shut one worker down and kill its actor."""
+        """Shut one worker down and kill its actor; a worker that already died (or never
+        started) is removed all the same."""
         worker = next(w for w in self.workers if w.name == name)
         try:
             ray.get(worker.actor.shutdown.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            log.warning("worker %s did not shut down cleanly (%s); killing it", name, type(err).__name__)
         finally:
             ray.kill(worker.actor)
             (self.decode if worker.role == "decode" else self.prefill).remove(worker)

@@ -55,15 +55,14 @@ class Sender:
 def start_sender(layout: KvLayout, name: str, lease_s: float = 30) -> Sender:
     held = HeldKv(lease_s=lease_s)
     gate = PullGate(held, layout.fingerprint)
-    port, data_port = free_port(), free_port()
-    server = grpc_server.start_server(gate, layout, "127.0.0.1", port, chunk_blocks=2)
-    stop_data = transports.get(name).serve(ServeContext(gate, layout, "127.0.0.1", data_port, 2))
+    server, port = grpc_server.start_server(gate, layout, "127.0.0.1", chunk_blocks=2)
+    serving = transports.get(name).serve(ServeContext(gate, layout, "127.0.0.1", 2))
 
     def stop() -> None:
         server.stop(grace=0)
-        if stop_data:
-            stop_data()
-    handle = KvHandle("127.0.0.1", port, "", 0, 0, 4, SECRET, name, data_port)
+        if serving:
+            serving.stop()
+    handle = KvHandle("127.0.0.1", (port,), "", 0, 0, 4, SECRET, name, (serving.port,) if serving else ())
     return Sender(held, handle, stop)
 
 

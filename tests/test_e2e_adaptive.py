@@ -20,15 +20,19 @@ from pdserve.client import PdServeClient, build_request
 @pytest.fixture(scope="module")
 def adaptive(cluster):
     """A router in adaptive mode over two added flex engines."""
-    engines = [cluster.add_worker("flex") for _ in range(2)]
-    router = start_router(engines, [], cluster.model_info, mode="adaptive", prefill_policy="least_loaded",
-                          routing=RoutingConfig(role_window=20, role_cooldown_s=600.0))
-    client = PdServeClient(router.target)
-    yield cluster, router, client, engines
-    client.close()
-    stop_router(router)
-    for engine in engines:
-        cluster.remove_worker(engine.name)
+    engines = []
+    try:
+        for _ in range(2):
+            engines.append(cluster.add_worker("flex"))
+        router = start_router(engines, [], cluster.model_info, mode="adaptive", prefill_policy="least_loaded",
+                              routing=RoutingConfig(role_window=20, role_cooldown_s=600.0))
+        client = PdServeClient(router.target)
+        yield cluster, router, client, engines
+        client.close()
+        stop_router(router)
+    finally:
+        for engine in engines:
+            cluster.remove_worker(engine.name)
 
 
 def exact(cluster, got, name: str, ids: list[int], max_tokens: int, ignore_eos: bool) -> None:

@@ -25,14 +25,19 @@ SHORT_LEASE_S = 1.5
 
 @pytest.fixture(scope="module")
 def senders(cluster):
-    """A prefill worker per non-default transport, plus one (tcp) with a short lease."""
-    added = {name: cluster.add_worker("prefill", wait=False, kv=KvTransferConfig(transport=name))
-             for name in OTHER_TRANSPORTS}
-    added["short-lease"] = cluster.add_worker("prefill", wait=False, kv=KvTransferConfig(lease_s=SHORT_LEASE_S))
-    ray.get([w.actor.info.remote() for w in added.values()], timeout=600)
-    yield added
-    for worker in added.values():
-        cluster.remove_worker(worker.name)
+    """A prefill worker per non-default transport, plus one (tcp) with a short lease. They leave
+    the session's cluster even when one fails to start, so later modules see the cluster as it was."""
+    kvs = {name: KvTransferConfig(transport=name) for name in OTHER_TRANSPORTS}
+    kvs["short-lease"] = KvTransferConfig(lease_s=SHORT_LEASE_S)
+    added = {}
+    try:
+        for name, kv in kvs.items():
+            added[name] = cluster.add_worker("prefill", wait=False, kv=kv)
+        ray.get([w.actor.info.remote() for w in added.values()], timeout=600)
+        yield added
+    finally:
+        for worker in added.values():
+            cluster.remove_worker(worker.name)
 
 
 def _disaggregated(prefill, decode, request_id: str, ids: list[int], spec: SamplingSpec, fault: str = ""):

@@ -90,7 +90,7 @@ def test_unknown_request_is_not_found_after_bounded_wait(name, monkeypatch):
 @pytest.mark.parametrize("name", TRANSPORTS)
 def test_unreachable_sender_fails_within_timeout(name):
     layout, _ = make_layout(seed=1)
-    handle = KvHandle("127.0.0.1", free_port(), "r", 4, 1, 4, SECRET, name, free_port())
+    handle = KvHandle("127.0.0.1", (free_port(),), "r", 4, 1, 4, SECRET, name, (free_port(),))
     start = time.monotonic()
     with pytest.raises(KvTransferError):
         pull_blocks(layout, handle, 0, [0], timeout_s=1)
@@ -108,7 +108,7 @@ def test_a_sender_that_stops_answering_costs_one_bounded_wait(name):
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
     port = hole.getsockname()[1]
-    handle = KvHandle("127.0.0.1", port, "r", 4, 1, 4, SECRET, name, port)
+    handle = KvHandle("127.0.0.1", (port,), "r", 4, 1, 4, SECRET, name, (port,))
     sender = start_sender(make_layout(seed=5)[0], name)
     sender.held.hold("ok", [0, 1], secret=SECRET)
     errors: list[str] = []

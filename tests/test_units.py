@@ -214,3 +214,20 @@ def test_live_router_replicas_draw_independently_and_share_hash_rings():
         for ring in policy.rings:
             ring.sync(w.name for w in workers)
     assert [[r.lookup(k) for r in a.rings] for k in range(50)] == [[r.lookup(k) for r in b.rings] for k in range(50)]
+
+
+CHILD_LOG = "Traceback (most recent call last):\n    bind(port)\n    ^^^^^^^^^^\nOSError: Address already in use\n"
+CHILD = f"import sys; sys.stderr.write({CHILD_LOG!r})"
+PARENT = ("import subprocess, sys; from pdserve.base.procs import stderr_tail;"
+          f"subprocess.run([sys.executable, '-c', {CHILD!r}]); print(stderr_tail(max_lines=2), end='')")
+
+
+@pytest.mark.parametrize("to_file,expected", [
+    (True, "    bind(port)\nOSError: Address already in use"),   # the caret line is left out
+    (False, ""),                                                # a pipe has no tail to read
+])
+def test_stderr_tail_quotes_what_a_child_wrote_to_the_shared_log(tmp_path, to_file, expected):
+    with open(tmp_path / "worker.err", "w") as log:
+        result = subprocess.run([sys.executable, "-c", PARENT], cwd=ROOT, timeout=60, text=True,
+                                stdout=subprocess.PIPE, stderr=log if to_file else subprocess.PIPE)
+    assert result.stdout == expected

@@ -18,7 +18,7 @@ from router.calls import NAMES, make_calls
 from router.legs import WorkerFailedError, WorkerUnreachableError
 
 SPEC = SamplingSpec(max_tokens=5, temperature=0.5, top_p=0.9, top_k=7, seed=None, stop=("\n",), ignore_eos=True)
-KV = {"pdserve_kv": {"host": "127.0.0.1", "port": 5, "request_id": "r-1", "num_tokens": 3, "num_blocks": 1,
+KV = {"pdserve_kv": {"host": "127.0.0.1", "ports": [5], "request_id": "r-1", "num_tokens": 3, "num_blocks": 1,
                      "block_size": 32, "secret": "s"}}
 RESULT = PrefillResult(token_id=42, text="x", finish_reason=None, kv_params=KV, num_prompt_tokens=3,
                        num_cached_tokens=0, prefill_ms=1.5)

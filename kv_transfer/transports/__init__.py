@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib
 
-from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext
+from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext, Serving
 
 _MODULES = {"grpc": "kv_transfer.transports.grpc_stream", "tcp": "kv_transfer.transports.tcp",
             "gloo": "kv_transfer.transports.gloo"}
 NAMES = tuple(_MODULES)
 _instances: dict[str, KvTransport] = {}
 
-__all__ = ["NAMES", "KvTransferError", "KvTransport", "PullJob", "ServeContext", "get"]
+__all__ = ["NAMES", "KvTransferError", "KvTransport", "PullJob", "ServeContext", "Serving", "get"]
 
 
 def get(name: str) -> KvTransport:

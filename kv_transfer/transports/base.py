@@ -35,7 +35,7 @@ class PullJob:
     local_block_ids: list[int]
     timeout_s: float
     rank: int = 0
-    """This worker's tensor-parallel rank: it pulls the same rank's shard (port + rank)."""
+    """This worker's tensor-parallel rank: it pulls the same rank's shard (that rank's ports)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the request was aborted: the pull stops at its next piece."""
 
@@ -52,9 +52,18 @@ class ServeContext:
     gate: PullGate
     layout: KvLayout
     host: str
-    port: int
-    """This transport's data port for this rank (0 when it has none)."""
     chunk_blocks: int = 64
+    port: int = 0
+    """The port to bind; 0 (the engines' choice): one the OS picks, reported in ``Serving``."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A transport's own running server (prefill side)."""
+
+    port: int
+    """The port it bound."""
+    stop: Callable[[], None]
 
 
 class KvTransport(ABC):
@@ -64,12 +73,12 @@ class KvTransport(ABC):
     acks_release: ClassVar[bool] = False
     """True when a successful ``pull`` already released the sender's hold (no Release call)."""
     data_port: ClassVar[bool] = False
-    """True when the transport serves its bytes on a port of its own (handle.data_port)."""
+    """True when the transport serves its bytes on a port of its own (handle.data_ports)."""
 
     @abstractmethod
-    def serve(self, ctx: ServeContext) -> Callable[[], None] | None:
-        """Start serving ``ctx.gate``'s holds (prefill side, once per rank); return its stop
-        function, or None when the gRPC control server already serves this transport."""
+    def serve(self, ctx: ServeContext) -> Serving | None:
+        """Start serving ``ctx.gate``'s holds (prefill side, once per rank); return the running
+        server, or None when the gRPC control server already serves this transport."""
 
     @abstractmethod
     def pull(self, job: PullJob) -> int:

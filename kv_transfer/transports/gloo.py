@@ -3,7 +3,7 @@ engine, over one two-rank process group per (prefill rank, decode process) pair,
 cached. Gloo for CPU tensors, NCCL for CUDA tensors: the same code (``_group``); NCCL is only
 exercised on GPU machines (``pytest -m gpu``).
 
-Connections to the prefill's ``data_port`` + rank carry the control, as in the ``tcp`` transport:
+Connections to the prefill rank's data port carry the control, as in the ``tcp`` transport:
 - ``open``: the prefill opens a TCPStore, answers its port, both sides build the pair's group; the
   connection then stays open as the pair's liveness link (closing it drops the group);
 - ``pull``: one connection per pull, carrying the header, the verdict, a go, the trailing xxh3
@@ -24,7 +24,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,7 +32,7 @@ import xxhash
 from kv_transfer.layout import KvLayout, as_bytes, run_starts
 from kv_transfer.leases import PullRefused
 from kv_transfer.transports import tcp
-from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext
+from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext, Serving
 
 log = logging.getLogger("pdserve.kv")
 GROUP_TIMEOUT_S = 30.0
@@ -64,13 +63,13 @@ class GlooTransport(KvTransport):
         self._opening: dict[tuple[str, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def serve(self, ctx: ServeContext) -> Callable[[], None]:
+    def serve(self, ctx: ServeContext) -> Serving:
         server = tcp.ConnectionServer(ctx, _GlooServer().handle, "pdserve-kv-gloo")
         threading.Thread(target=server.accept_loop, daemon=True, name="pdserve-kv-gloo").start()
-        return server.stop
+        return Serving(server.port, server.stop)
 
     def pull(self, job: PullJob) -> int:
-        key = (job.handle.host, job.handle.data_port + job.rank)
+        key = (job.handle.host, job.handle.data_port(job.rank))
         deadline = time.monotonic() + job.timeout_s
         job.raise_if_cancelled()
         try:

@@ -25,7 +25,7 @@ class GrpcStreamTransport(KvTransport):
         received = 0
         request = pb.PullRequest(request_id=h.request_id, first_block=first, secret=h.secret,
                                  fingerprint=layout.fingerprint)
-        stream = control.stub(h.host, h.port + job.rank).Pull(request, timeout=job.timeout_s)
+        stream = control.stub(h.host, h.control_port(job.rank)).Pull(request, timeout=job.timeout_s)
         try:
             for chunk in stream:
                 job.raise_if_cancelled()
@@ -38,7 +38,7 @@ class GrpcStreamTransport(KvTransport):
                 want.difference_update((chunk.layer, i) for i in rel)
                 received += len(chunk.data)
         except grpc.RpcError as err:
-            raise KvTransferError(f"pull from {h.host}:{h.port + job.rank}: {err.code().name}: {err.details()}") from None
+            raise KvTransferError(f"pull from {h.host}:{h.control_port(job.rank)}: {err.code().name}: {err.details()}") from None
         finally:
             stream.cancel()
         if want:

@@ -1,6 +1,6 @@
 """The ``tcp`` transport (the default): one TCP connection per pull, the bytes in place.
 
-Exchange (all on one connection to the handle's ``data_port`` + rank):
+Exchange (all on one connection to the rank's port in the handle's ``data_ports``):
   decode -> prefill  header: 4-byte length + JSON {request_id, secret, fingerprint, first_block, num_blocks}
   prefill -> decode  header: 4-byte length + JSON {ok, bytes} or {ok: false, code, message}
   prefill -> decode  the blocks' bytes, layer by layer in ``KvLayout.pieces`` order, then an 8-byte xxh3-64
@@ -25,7 +25,7 @@ import xxhash
 
 from kv_transfer.layout import KvLayout, as_bytes, host_bytes, landing, settle
 from kv_transfer.leases import Hold, PullRefused
-from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext
+from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext, Serving
 
 log = logging.getLogger("pdserve.kv")
 IO_TIMEOUT_S = 30.0
@@ -44,16 +44,16 @@ class TcpTransport(KvTransport):
     acks_release = True
     data_port = True
 
-    def serve(self, ctx: ServeContext) -> Callable[[], None]:
+    def serve(self, ctx: ServeContext) -> Serving:
         server = ConnectionServer(ctx, _serve_pull, "pdserve-kv-tcp")
         threading.Thread(target=server.accept_loop, daemon=True, name="pdserve-kv-tcp").start()
-        return server.stop
+        return Serving(server.port, server.stop)
 
     def pull(self, job: PullJob) -> int:
         h, layout = job.handle, job.layout
         deadline = time.monotonic() + job.timeout_s
         try:
-            with socket.create_connection((h.host, h.data_port + job.rank), timeout=job.timeout_s) as sock:
+            with socket.create_connection((h.host, h.data_port(job.rank)), timeout=job.timeout_s) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 job.raise_if_cancelled()
                 send_json(sock, {"request_id": h.request_id, "secret": h.secret, "fingerprint": layout.fingerprint,
@@ -71,7 +71,7 @@ class TcpTransport(KvTransport):
                 sock.sendall(b"R")
                 return expected
         except (OSError, ValueError) as err:
-            raise KvTransferError(f"pull from {h.host}:{h.data_port + job.rank}: {type(err).__name__}: {err}") from None
+            raise KvTransferError(f"pull from {h.host}:{h.data_port(job.rank)}: {type(err).__name__}: {err}") from None
 
 
 def _receive_blocks(sock: socket.socket, job: PullJob, deadline: float) -> bytes:
@@ -98,6 +98,8 @@ class ConnectionServer:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind((ctx.host, ctx.port))  # no SO_REUSEPORT: a taken port is an error
         self._sock.listen(128)
+        self.port: int = self._sock.getsockname()[1]
+        """The bound port (the OS's pick when ``ctx.port`` is 0)."""
         self._stopped = False
 
     def accept_loop(self) -> None:

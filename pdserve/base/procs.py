@@ -38,3 +38,18 @@ def signal_pids(pids: Iterable[int], sig: int) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def stderr_tail(max_lines: int = 12, max_bytes: int = 16384) -> str:
+    """The last lines written to this process's stderr, which its child processes share, when
+    stderr is a regular file (a Ray worker's log): the root cause a child's failure points to.
+    Lines of traceback carets are left out; empty when stderr is a terminal or a pipe."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line for line in text.splitlines() if line.strip(" ^~")]
+    return "\n".join(lines[-max_lines:])

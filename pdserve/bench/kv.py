@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.base.net import free_port
 
 
 @dataclass(frozen=True)
@@ -71,12 +70,12 @@ def _sender(conn: Any, shape: KvShape, num_blocks: int) -> None:
     layout = KvLayout(caches, num_blocks, "bench")
     held = HeldKv(lease_s=600)
     gate = PullGate(held, layout.fingerprint)
-    ports = {"control": free_port()}
-    server = grpc_server.start_server(gate, layout, "127.0.0.1", ports["control"], 64)  # noqa: F841 (kept alive)
+    server, control_port = grpc_server.start_server(gate, layout, "127.0.0.1", 64)  # noqa: F841 (kept alive)
+    ports = {"control": control_port}
     for name in TRANSPORTS:
-        if transports.get(name).data_port:
-            ports[name] = free_port()
-            transports.get(name).serve(transports.ServeContext(gate, layout, "127.0.0.1", ports[name], 64))
+        serving = transports.get(name).serve(transports.ServeContext(gate, layout, "127.0.0.1", 64))
+        if serving is not None:
+            ports[name] = serving.port
     raw = socket.create_server(("127.0.0.1", 0))
     ports["raw"] = raw.getsockname()[1]
     threading.Thread(target=_raw_server, args=(raw, layout.block_bytes() * num_blocks), daemon=True).start()
@@ -164,8 +163,8 @@ def _round(shape: KvShape, layout: Any, parent: Any, ports: dict, tokens: int, r
         rid = f"{name}-{tokens}-{r}"
         parent.send((rid, blocks))
         parent.recv()
-        handle = KvHandle("127.0.0.1", ports["control"], rid, tokens, blocks, shape.block, "bench", name,
-                          ports.get(name, 0))
+        handle = KvHandle("127.0.0.1", (ports["control"],), rid, tokens, blocks, shape.block, "bench", name,
+                          (ports.get(name, 0),))
         start = time.perf_counter()
         transports.get(name).pull(transports.PullJob(layout, handle, 0, list(range(blocks)), 120.0))
         if not transports.get(name).acks_release:

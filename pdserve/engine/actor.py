@@ -16,7 +16,6 @@ from typing import Any, AsyncIterator, Awaitable
 import ray
 
 from pdserve.base.config import EngineConfig, KvTransferConfig
-from pdserve.base.net import free_port
 from pdserve.base.procs import signal_tree
 from pdserve.base.types import InvalidRequestError, LoadSnapshot, ModelInfo, PromptInput, WorkerError
 from pdserve.engine.direct import DirectServer
@@ -32,8 +31,7 @@ class EngineWorker:
         from pdserve.engine.host import EngineHost
 
         kv_host = ray.util.get_node_ip_address()
-        connector: dict[str, Any] = {"host": kv_host, "port": free_port(kv_host), "data_port": free_port(kv_host),
-                                     "transport": kv.transport, "lease_s": kv.lease_s,
+        connector: dict[str, Any] = {"host": kv_host, "transport": kv.transport, "lease_s": kv.lease_s,
                                      "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks}
         self.name = name
         self.host = EngineHost(engine, model, self.role, connector)

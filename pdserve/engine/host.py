@@ -18,6 +18,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from kv_transfer.handle import DO_REMOTE_DECODE, FAULT, LoadReport
+from pdserve.base import procs
 from pdserve.base.config import EngineConfig
 from pdserve.base.types import (DecodeChunk, InvalidRequestError, LoadSnapshot, ModelInfo, PrefillResult,
                                 PromptInput, SamplingSpec)
@@ -50,6 +51,11 @@ def sampling_params(spec: SamplingSpec, max_tokens: int, kv_params: dict[str, An
                           extra_args={"kv_transfer_params": kv_params} if kv_params else None)
 
 
+class EngineStartError(RuntimeError):
+    """The vLLM engine failed to start; the message quotes the end of its log, where vLLM's "see
+    root cause above" points (operators rarely see that log: Ray keeps it on the worker's node)."""
+
+
 class EngineHost:
     """Owns one AsyncLLM and the stats it reports."""
 
@@ -62,7 +68,11 @@ class EngineHost:
         self.accepted = 0
         """Requests handed to the engine that have not ended (``_generate`` counts them)."""
         args = engine_args(cfg, model, role, connector or {})
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory])
+        try:
+            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory])
+        except Exception as err:
+            raise EngineStartError(f"the {role} engine did not start: {err}\nThe end of its log:\n"
+                                   f"{procs.stderr_tail()}") from err
         self.tokenizer = self.engine.get_tokenizer()
         self.info = ModelInfo(model=model, max_model_len=cfg.max_model_len, block_size=cfg.block_size,
                               eos_token_id=self.tokenizer.eos_token_id,
