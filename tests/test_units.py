@@ -2,6 +2,8 @@
 round-robin policy, and the router's freedom from torch and vLLM."""
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +233,13 @@ def test_stderr_tail_quotes_what_a_child_wrote_to_the_shared_log(tmp_path, to_fi
         result = subprocess.run([sys.executable, "-c", PARENT], cwd=ROOT, timeout=60, text=True,
                                 stdout=subprocess.PIPE, stderr=log if to_file else subprocess.PIPE)
     assert result.stdout == expected
+
+
+def test_free_port_picks_below_the_ephemeral_range_and_binds():
+    from pdserve.base.net import _ephemeral_start, free_port
+
+    low = _ephemeral_start()
+    ports = [free_port(rng=random.Random(seed)) for seed in range(5)]
+    assert all(max(1024, low - 12_000) <= p < low for p in ports) and len(set(ports)) == 5
+    for port in ports:
+        socket.create_server(("127.0.0.1", port)).close()
