@@ -72,8 +72,6 @@ class KvTransport(ABC):
     name: ClassVar[str]
     acks_release: ClassVar[bool] = False
     """True when a successful ``pull`` already released the sender's hold (no Release call)."""
-    data_port: ClassVar[bool] = False
-    """True when the transport serves its bytes on a port of its own (handle.data_ports)."""
 
     @abstractmethod
     def serve(self, ctx: ServeContext) -> Serving | None:

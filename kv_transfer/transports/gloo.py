@@ -56,7 +56,6 @@ class _Pair:
 class GlooTransport(KvTransport):
     name = "gloo"
     acks_release = True
-    data_port = True
 
     def __init__(self) -> None:
         self._pairs: dict[tuple[str, int], _Pair] = {}

@@ -42,7 +42,6 @@ _RECV_STEP = 8 << 20
 class TcpTransport(KvTransport):
     name = "tcp"
     acks_release = True
-    data_port = True
 
     def serve(self, ctx: ServeContext) -> Serving:
         server = ConnectionServer(ctx, _serve_pull, "pdserve-kv-tcp")
