@@ -105,18 +105,24 @@ def test_capacity_bound_uses_one_infinite_cache_and_full_utilization():
 
 
 def test_a_router_replica_sees_other_replicas_work_only_as_last_reported():
-    """Two replicas: replica 1's queued request is invisible to replica 0 until a load report,
-    then visible; replica 0 always sees its own work, and one router sees everything at once."""
+    """Two replicas, a load report every second: replica 1's request queued at 4.2 s is invisible
+    to replica 0 until the report of 5 s; a prefill replica 1 starts at 5.3 s reaches replica 0
+    with the report of 6 s, its remaining time priced at 6 s; each replica always sees its own
+    work, and one router sees everything at once."""
     from pdserve.sim.queues import PrefillState, QueuedPrefill
     from router.policies import RouteRequest
 
-    p = PrefillState("prefill-0", own=[[0, 0.0], [0, 0.0]], reported=[(0, 0.0), (0, 0.0)])
+    p = PrefillState("prefill-0", own=[[0, 0.0], [0, 0.0]], reported=[(0, 0.0), (0, 0.0)], report_every_s=1.0)
     for replica, (tokens, seconds) in enumerate([(100, 1.0), (300, 3.0)]):
+        p.catch_up(4.2)  # the simulator takes due reports before every change
         p.push(QueuedPrefill(replica, RouteRequest(str(replica), (), tokens), seconds, tokens, replica))
-    seen = lambda replica: (p.snapshot(5.0, replica).pending_prefill_tokens, p.snapshot(5.0, replica).queued_prefill_s)
-    assert (seen(0), seen(1)) == ((100, 1.0), (300, 3.0))
-    p.reported = [p.share(r, 5.0) for r in range(2)]
-    assert (seen(0), seen(1)) == ((400, 4.0), (400, 4.0))
+    seen = lambda t, replica: (p.snapshot(t, replica).pending_prefill_tokens, p.snapshot(t, replica).queued_prefill_s)
+    assert (seen(4.9, 0), seen(4.9, 1)) == ((100, 1.0), (300, 3.0))
+    assert (seen(5.0, 0), seen(5.0, 1)) == ((400, 4.0), (400, 4.0))
+    p.catch_up(5.3)
+    p.owner, p.busy_until, p.running_uncached = 1, 7.5, 50
+    assert seen(5.9, 0) == (400, 4.0)
+    assert seen(6.4, 0) == (450, 5.5)       # 100 + 300 + 50 tokens; 1 + 3 + (7.5 - 6) s
     single = PrefillState("prefill-0", own=[[0, 0.0]], reported=[(0, 0.0)])
     single.pending_tokens, single.queued_s = 400, 4.0
     assert (single.snapshot(5.0).pending_prefill_tokens, single.snapshot(5.0).queued_prefill_s) == (400, 4.0)

@@ -24,8 +24,8 @@ from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN,
 from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
 from router.policies.base import REBALANCE_WINDOW
 
-ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE, REPORT = range(6)
-_PERIODIC = (REBALANCE, REPORT)
+ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE = range(5)
+_PERIODIC = (REBALANCE,)
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,10 @@ class ClusterSim:
                             for r in range(routers)]
         self._p_policy = self._p_policies[0]
         self._d_policy = make_policy(self.decode_policy, ctx)
+        every = self.cfg.report_interval_s if routers > 1 else 0.0
         self._prefills = [PrefillState(f"prefill-{i}", own=[[0, 0.0] for _ in range(routers)],
-                                   reported=[(0, 0.0)] * routers) for i in range(self.cfg.prefill)]
+                                       reported=[(0, 0.0)] * routers, report_every_s=every)
+                          for i in range(self.cfg.prefill)]
         self._decodes = [DecodeState(f"decode-{i}") for i in range(self.cfg.decode)]
         self._requests, self._events, self._seq, self._pending = requests, [], 0, 0
         self._ttft, self._tpot = [0.0] * len(requests), []
@@ -128,8 +130,6 @@ class ClusterSim:
         self._rebalance_every = max(self.cfg.rebalance_interval_s, self.cfg.ttft_slo_s / 100)
         if hasattr(self._p_policy, "rebalance"):
             self._push(self._rebalance_every, REBALANCE, 0)
-        if routers > 1:
-            self._push(0.0, REPORT, 0)
         self._loop()
         return RunResult(scale, self._ttft, self._tpot, self._cached, self._input,
                          [p.busy_s for p in self._prefills], self._decisions, self.cfg.ttft_slo_s, self.cfg.warmup)
@@ -141,7 +141,7 @@ class ClusterSim:
 
     def _loop(self) -> None:
         handlers = {ARRIVE: self._arrive, PREFILL_DONE: self._prefill_done, DECODE_START: self._decode_start,
-                    DECODE_DONE: self._decode_done, REBALANCE: self._rebalance, REPORT: self._report}
+                    DECODE_DONE: self._decode_done, REBALANCE: self._rebalance}
         while self._events:
             t, _, kind, a, b = heapq.heappop(self._events)
             self._pending -= kind not in _PERIODIC
@@ -163,12 +163,14 @@ class ClusterSim:
         """Queue a request on prefill ``p_idx`` with the router's estimates of its prefill there
         (what the load snapshots of later decisions add up)."""
         p = self._prefills[p_idx]
+        p.catch_up(t)
         p.push(q)
         if not p.busy:
             self._start(t, p_idx)
 
     def _start(self, t: float, p_idx: int) -> None:
         p = self._prefills[p_idx]
+        p.catch_up(t)
         q = p.take()
         p.owner = q.replica
         i, r = q.i, self._requests[q.i]
@@ -189,6 +191,7 @@ class ClusterSim:
 
     def _prefill_done(self, t: float, p_idx: int, i: int) -> None:
         p, r = self._prefills[p_idx], self._requests[i]
+        p.catch_up(t)
         for h in r.hashes:
             p.cache[h] = None
             p.cache.move_to_end(h)
@@ -232,13 +235,6 @@ class ClusterSim:
         if self._pending:  # periodic events end with the last request's
             self._push(t + self._rebalance_every, REBALANCE, 0)
 
-    def _report(self, t: float, _: int, __: int) -> None:
-        """The replicas' load reports: each one's work per instance, as of now."""
-        for p in self._prefills:
-            p.reported = [p.share(r, t) for r in range(len(p.own))]
-        if self._pending:
-            self._push(t + self.cfg.report_interval_s, REPORT, 0)
-
     def _window(self, p: PrefillState, t: float, replica: int = 0) -> InstanceQueue:
         """Replica ``replica``'s rebalancer view of ``p``: the last requests it queued there, the
         rest of the queue (as it sees it) folded into busy_s."""
@@ -257,6 +253,7 @@ class ClusterSim:
         for p in self._prefills:
             found = next((q for q in p.queue if q.i == i), None)
             if found is not None:
+                p.catch_up(t)
                 p.take(found)
                 self._decisions["rebalance"] += 1
                 self._enqueue(t, target, replace(found, predicted_s=predicted_s))

@@ -39,10 +39,25 @@ class PrefillState:
     """Per replica: [uncached tokens, predicted seconds] it has queued here and not started."""
     reported: list = field(default_factory=list)
     """Per replica: its [tokens, seconds] here (running included) at the last load report."""
+    report_every_s: float = 0.0
+    """Seconds between load reports (several replicas; the reports fall at multiples of it)."""
+    last_report: int = -1
+    """The last report in ``reported``, as a multiple of ``report_every_s``."""
+
+    def catch_up(self, t: float) -> None:
+        """Take the load report due last by ``t``, if not yet taken. Reports are taken lazily:
+        the simulator calls this before every change to this instance's state and every read of
+        it, so the state at that report's time is the state now (the busy term is priced at the
+        report's time). Cost per change, not per report interval of simulated time."""
+        if self.report_every_s and (k := int(t // self.report_every_s)) > self.last_report:
+            at = k * self.report_every_s
+            self.reported = [self.share(r, at) for r in range(len(self.own))]
+            self.last_report = k
 
     def snapshot(self, t: float, replica: int = 0) -> LoadSnapshot:
         """The load replica ``replica`` sees: all of it, exact, with one router; else its own
         work exact and the other replicas' as last reported."""
+        self.catch_up(t)
         if len(self.own) <= 1:
             return LoadSnapshot(self.name, waiting=len(self.queue), running=int(self.busy),
                                 pending_prefill_tokens=self.pending_tokens,
