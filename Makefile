@@ -50,7 +50,7 @@ bench-routing: setup
 	$(PY) -m pdserve.sim.bench docs/results/bench-routing.json
 
 # docs/routing.md's tables: every simulator regime (deploy/sim/*.yaml), ablations where they matter.
-ROUTING_STUDIES := paper paper-h100 paper-routers4 cpu synthetic synthetic-routers4 azure-conv
+ROUTING_STUDIES := paper paper-h100 paper-routers4 cpu cpu-routers4 synthetic synthetic-routers4 azure-conv
 routing-study: setup
 	for s in $(ROUTING_STUDIES); do \
 	  $(VENV)/bin/pdserve simulate --setup $$s --out docs/results/routing-$$s \
