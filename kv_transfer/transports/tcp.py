@@ -6,9 +6,9 @@ Exchange (all on one connection to the rank's port in the handle's ``data_ports`
   prefill -> decode  the blocks' bytes, layer by layer in ``KvLayout.pieces`` order, then an 8-byte xxh3-64
   decode -> prefill  one byte: ``R`` (loaded: release the hold now) or ``K`` (keep it)
 
-Copies: each side's kernel copy only, when the cache is dense (``sendall``/``recv_into`` on the KV
-tensors' own memory); one xxh3 per transfer, in C, on both sides. Every socket operation is
-bounded (the pull's deadline on the decode side, ``IO_TIMEOUT_S`` on the prefill side), and the
+Copies: each side's kernel copy only, when the cache is dense (``sendmsg``/``recvmsg_into`` on the
+KV tensors' own memory, a batch of pieces per call: ``vectored``); one xxh3 per transfer, in C, on
+both sides. Every socket operation is bounded (the pull's deadline on the decode side, ``IO_TIMEOUT_S`` on the prefill side), and the
 server takes at most ``MAX_CONNECTIONS`` at once, refusing more with UNAVAILABLE.
 """
 from __future__ import annotations
@@ -21,10 +21,12 @@ import threading
 import time
 from typing import Callable
 
+import torch
 import xxhash
 
 from kv_transfer.layout import KvLayout, as_bytes, host_bytes, landing, settle
 from kv_transfer.leases import Hold, PullRefused
+from kv_transfer.transports import vectored
 from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext, Serving
 
 log = logging.getLogger("pdserve.kv")
@@ -74,17 +76,22 @@ class TcpTransport(KvTransport):
 
 
 def _receive_blocks(sock: socket.socket, job: PullJob, deadline: float) -> bytes:
-    """Receive every piece into the local blocks (in place when contiguous); the xxh3 of them."""
+    """Receive every piece into the local blocks (in place when contiguous), a batch of pieces
+    per system call; the xxh3 of them."""
     digest = xxhash.xxh3_64()
-    for layer in range(job.layout.num_layers):
-        for view in job.layout.pieces(layer, job.local_block_ids):
-            job.raise_if_cancelled()
-            target = landing(view)
-            buf = as_bytes(target)
-            _recv_into(sock, buf, deadline)
+    views = [v for layer in range(job.layout.num_layers) for v in job.layout.pieces(layer, job.local_block_ids)]
+    for group in vectored.batches(views, _nbytes):
+        targets = [landing(view) for view in group]
+        bufs = [as_bytes(t) for t in targets]
+        vectored.recv_all(sock, bufs, deadline, job.raise_if_cancelled)
+        for view, target, buf in zip(group, targets, bufs):
             digest.update(buf)
             settle(view, target)
     return digest.digest()
+
+
+def _nbytes(view: torch.Tensor) -> int:
+    return view.numel() * view.element_size()
 
 
 class ConnectionServer:
@@ -163,16 +170,17 @@ def _serve_pull(ctx: ServeContext, conn: socket.socket) -> None:
 def _send_blocks(layout: KvLayout, conn: socket.socket, entry: Hold, first: int, count: int) -> None:
     blocks = entry.block_ids[first:first + count]
     send_json(conn, {"ok": True, "bytes": count * layout.block_bytes()})
-    conn.settimeout(IO_TIMEOUT_S)
     digest = xxhash.xxh3_64()
     corrupt = entry.fault == "corrupt"
-    for layer in range(layout.num_layers):
-        for view in layout.pieces(layer, blocks):
-            buf = host_bytes(view)
+    views = [v for layer in range(layout.num_layers) for v in layout.pieces(layer, blocks)]
+    for group in vectored.batches(views, _nbytes):
+        bufs = [host_bytes(view) for view in group]
+        for buf in bufs:
             digest.update(buf)
-            if corrupt:  # test-only fault: flip the first byte of each piece on the wire
-                buf = bytes([buf[0] ^ 0xFF]) + bytes(buf[1:])
-            conn.sendall(buf)
+        if corrupt:  # test-only fault: flip the first byte of each piece on the wire
+            bufs = [memoryview(bytes([b[0] ^ 0xFF]) + bytes(b[1:])) for b in bufs]
+        vectored.send_all(conn, bufs, time.monotonic() + IO_TIMEOUT_S)
+    conn.settimeout(IO_TIMEOUT_S)
     conn.sendall(digest.digest())
 
 
