@@ -65,6 +65,11 @@ class KvLayout:
             for a, b in segments:
                 yield part.narrow(0, block_ids[a], b - a)
 
+    def all_pieces(self, block_ids: list[int], cuts: Iterable[int] = ()) -> Iterator[torch.Tensor]:
+        """``pieces`` of every layer, layer by layer: the order of a whole transfer on the wire."""
+        for layer in range(self.num_layers):
+            yield from self.pieces(layer, block_ids, cuts)
+
     def synchronize(self) -> None:
         """Wait for copies into the cache still in flight on the GPU (no-op on a CPU cache); the
         worker side calls it before it reports a load done."""

@@ -164,14 +164,13 @@ def _recv_pieces(pair: _Pair, job: PullJob, tag: int, cuts: list[int], deadline:
     """Receive the pieces (cut where either side's runs start) into the local blocks, in place
     when contiguous; their xxh3."""
     digest = xxhash.xxh3_64()
-    for layer in range(job.layout.num_layers):
-        for view in job.layout.pieces(layer, job.local_block_ids, cuts):
-            target = view if view.is_contiguous() else torch.empty_like(view, memory_format=torch.contiguous_format)
-            pair.group.recv([target], _SENDER, tag).wait(timedelta(seconds=max(0.01, deadline - time.monotonic())))
-            if target.device.type == "cpu":
-                digest.update(as_bytes(target))
-            if target is not view:
-                view.copy_(target, non_blocking=True)
+    for view in job.layout.all_pieces(job.local_block_ids, cuts):
+        target = view if view.is_contiguous() else torch.empty_like(view, memory_format=torch.contiguous_format)
+        pair.group.recv([target], _SENDER, tag).wait(timedelta(seconds=max(0.01, deadline - time.monotonic())))
+        if target.device.type == "cpu":
+            digest.update(as_bytes(target))
+        if target is not view:
+            view.copy_(target, non_blocking=True)
     return digest.digest()
 
 
@@ -252,16 +251,15 @@ def _send_pieces(layout: KvLayout, group: dist.ProcessGroup, tag: int, blocks: l
     """Send the blocks' pieces (cut where either side's runs start) on ``group`` with ``tag``;
     the xxh3 of them (zeros on CUDA)."""
     digest, on_cpu = xxhash.xxh3_64(), True
-    for layer in range(layout.num_layers):
-        for view in layout.pieces(layer, blocks, cuts):
-            piece = view if view.is_contiguous() else view.contiguous()
-            on_cpu = piece.device.type == "cpu"
-            if on_cpu:
-                digest.update(as_bytes(piece))
-            if corrupt:  # test-only fault: flip the first byte of each piece on the wire
-                piece = piece.clone()
-                as_bytes(piece)[0] ^= 0xFF
-            group.send([piece], _RECEIVER, tag).wait(timedelta(seconds=GROUP_TIMEOUT_S))
+    for view in layout.all_pieces(blocks, cuts):
+        piece = view if view.is_contiguous() else view.contiguous()
+        on_cpu = piece.device.type == "cpu"
+        if on_cpu:
+            digest.update(as_bytes(piece))
+        if corrupt:  # test-only fault: flip the first byte of each piece on the wire
+            piece = piece.clone()
+            as_bytes(piece)[0] ^= 0xFF
+        group.send([piece], _RECEIVER, tag).wait(timedelta(seconds=GROUP_TIMEOUT_S))
     return digest.digest() if on_cpu else _NO_DIGEST
 
 

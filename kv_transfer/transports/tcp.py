@@ -8,8 +8,8 @@ Exchange (all on one connection to the rank's port in the handle's ``data_ports`
 
 Copies: each side's kernel copy only, when the cache is dense (``sendmsg``/``recvmsg_into`` on the
 KV tensors' own memory, a batch of pieces per call: ``vectored``); one xxh3 per transfer, in C, on
-both sides. Every socket operation is bounded (the pull's deadline on the decode side, ``IO_TIMEOUT_S`` on the prefill side), and the
-server takes at most ``MAX_CONNECTIONS`` at once, refusing more with UNAVAILABLE.
+both sides. Every socket operation is bounded (the pull's deadline on the decode side,
+``IO_TIMEOUT_S`` per batch on the prefill side), and the server takes at most ``MAX_CONNECTIONS`` at once, refusing more with UNAVAILABLE.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import threading
 import time
 from typing import Callable
 
-import torch
 import xxhash
 
 from kv_transfer.layout import KvLayout, as_bytes, host_bytes, landing, settle
@@ -79,8 +78,7 @@ def _receive_blocks(sock: socket.socket, job: PullJob, deadline: float) -> bytes
     """Receive every piece into the local blocks (in place when contiguous), a batch of pieces
     per system call; the xxh3 of them."""
     digest = xxhash.xxh3_64()
-    views = [v for layer in range(job.layout.num_layers) for v in job.layout.pieces(layer, job.local_block_ids)]
-    for group in vectored.batches(views, _nbytes):
+    for group in vectored.batches(job.layout.all_pieces(job.local_block_ids), lambda view: view.nbytes):
         targets = [landing(view) for view in group]
         bufs = [as_bytes(t) for t in targets]
         vectored.recv_all(sock, bufs, deadline, job.raise_if_cancelled)
@@ -88,10 +86,6 @@ def _receive_blocks(sock: socket.socket, job: PullJob, deadline: float) -> bytes
             digest.update(buf)
             settle(view, target)
     return digest.digest()
-
-
-def _nbytes(view: torch.Tensor) -> int:
-    return view.numel() * view.element_size()
 
 
 class ConnectionServer:
@@ -172,8 +166,7 @@ def _send_blocks(layout: KvLayout, conn: socket.socket, entry: Hold, first: int,
     send_json(conn, {"ok": True, "bytes": count * layout.block_bytes()})
     digest = xxhash.xxh3_64()
     corrupt = entry.fault == "corrupt"
-    views = [v for layer in range(layout.num_layers) for v in layout.pieces(layer, blocks)]
-    for group in vectored.batches(views, _nbytes):
+    for group in vectored.batches(layout.all_pieces(blocks), lambda view: view.nbytes):
         bufs = [host_bytes(view) for view in group]
         for buf in bufs:
             digest.update(buf)

@@ -2,9 +2,10 @@
 
 A transfer is dozens of pieces (one per layer and run of blocks). Sending or receiving them one
 call at a time, with Python's socket timeouts, costs a poll and a return to the interpreter per
-few hundred kilobytes, and each return waits for the GIL. Inside an engine, whose loop holds the
-GIL most of the time, those waits dominated the transfer. Here one blocking ``sendmsg`` or
-``recvmsg_into(MSG_WAITALL)`` moves a whole batch with the GIL released. Each call is bounded by
+few hundred kilobytes, and each return waits for the GIL, which a busy thread in the same process
+may hold. Here one blocking ``sendmsg`` or ``recvmsg_into(MSG_WAITALL)`` moves a whole batch with
+the GIL released (4.7x faster beside a spinning Python thread; inside this machine's engines no
+change was measurable: docs/performance.md, "Overheads"). Each call is bounded by
 the kernel's ``SO_SNDTIMEO``/``SO_RCVTIMEO`` (at most ``SLICE_S``, so a caller can check for
 cancellation between calls) and every loop by a deadline.
 """
