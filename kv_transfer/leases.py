@@ -56,6 +56,9 @@ class HeldKv:
     _early_releases: dict[str, tuple[float, str]] = field(default_factory=dict)  # id -> (forget after, secret)
     _ended: dict[str, float] = field(default_factory=dict)  # id -> forget after: pulls for it fail at once
     _lock: threading.Condition = field(default_factory=threading.Condition)
+    ended: threading.Event = field(default_factory=threading.Event)
+    """Set whenever a hold may have ended (a release, the end of a pull); cleared by its reader,
+    the worker side's idle wait (``WorkerSide.transfer_results``)."""
 
     def hold(self, request_id: str, block_ids: list[int], fault: str = "", secret: str = "") -> None:
         """Start holding a finished prefill's blocks for one lease (already released if a release
@@ -91,6 +94,7 @@ class HeldKv:
         with self._lock:
             if request_id in self._entries:
                 self._entries[request_id].pulls -= 1
+        self.ended.set()
 
     def renew(self, request_id: str, secret: str) -> float | None:
         """Extend a live hold by one lease from now (the router's heartbeat while its decode is
@@ -116,7 +120,8 @@ class HeldKv:
             if not entry.allows(secret):
                 return None
             entry.released = True
-            return True
+        self.ended.set()
+        return True
 
     def take_finished(self, now: float | None = None) -> set[str]:
         """Remove and return ids released, or whose lease ran out with no pull in flight. An ended

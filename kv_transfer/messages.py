@@ -27,6 +27,9 @@ class ConnectorSettings:
     """Blocks per streamed chunk."""
     model: str = ""
     """The served model (part of the KV layout fingerprint)."""
+    idle_wait_ms: float = 5.0
+    """An engine step that runs no forward, while pulls run or blocks are held, waits up to this
+    long for one of them to end before reporting (0: report at once)."""
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
@@ -78,6 +81,8 @@ class PdserveConnectorMeta(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     """Requests aborted while their pull is queued or running: stop it, free their blocks."""
+    idle: bool = False
+    """This step schedules no tokens: no forward pass runs."""
 
 
 @dataclass

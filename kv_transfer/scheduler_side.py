@@ -68,7 +68,8 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PdserveConnectorMeta:
         """Hand this step's holds and pulls to the worker side."""
-        meta = PdserveConnectorMeta(sends=self._sends, loads=self._loads, cancels=self._cancels)
+        meta = PdserveConnectorMeta(sends=self._sends, loads=self._loads, cancels=self._cancels,
+                                    idle=scheduler_output.total_num_scheduled_tokens == 0)
         self._sends, self._loads, self._cancels = [], [], []
         return meta
 

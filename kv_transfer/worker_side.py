@@ -44,6 +44,7 @@ class WorkerSide:
         self._received: set[str] = set()
         self._failed: set[str] = set()
         self._reports: dict[str, LoadReport] = {}
+        self._idle_step = False
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Index the KV tensors; a producer starts this rank's KV servers here, on ports the OS
@@ -74,6 +75,7 @@ class WorkerSide:
 
     def start_step(self, meta: PdserveConnectorMeta) -> None:
         """Take this step's holds, cancels and pulls (called every engine step)."""
+        self._idle_step = meta.idle
         for send in meta.sends:
             self._held.hold(send.request_id, send.block_ids, send.fault, send.secret)
         with self._lock:
@@ -103,6 +105,7 @@ class WorkerSide:
             if report.failed:
                 self._failed.add(spec.request_id)
             self._reports[spec.request_id] = report
+        self._held.ended.set()
 
     def _pull(self, spec: LoadSpec) -> tuple[LoadReport, bool]:
         """The load's report, and whether the transport already released the sender's hold."""
@@ -125,12 +128,24 @@ class WorkerSide:
         return LoadReport(tokens=spec.num_tokens, bytes=nbytes), transport.acks_release
 
     def transfer_results(self) -> KVConnectorTransferResults:
-        """Sends finished (released or expired) and pulls finished (ok or failed) since last call."""
+        """Sends finished (released or expired) and pulls finished (ok or failed) since last call.
+
+        In a step with no forward pass, while pulls run or blocks are held, first waits up to
+        ``idle_wait_ms`` for one of them to end: vLLM re-steps such an engine every millisecond,
+        and those steps (with their stats messages) took a third of this machine's two cores
+        away from the transfers they wait for (docs/performance.md, "Overheads")."""
+        self._wait_if_idle()
         with self._lock:
             received, failed = self._received, self._failed
             self._received, self._failed = set(), set()
         return KVConnectorTransferResults(finished_sending=self._held.take_finished(),
                                           finished_recving=received, failed_recving=failed)
+
+    def _wait_if_idle(self) -> None:
+        ended = self._held.ended
+        if self._idle_step and self._settings.idle_wait_ms > 0 and (len(self._held) or self._cancels):
+            ended.wait(self._settings.idle_wait_ms / 1e3)
+        ended.clear()
 
     def take_reports(self) -> PdserveWorkerMeta | None:
         """Reports of pulls that ended since the last call, for the scheduler side."""

@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import xxhash
 
@@ -75,9 +75,16 @@ class TcpTransport(KvTransport):
 
 
 def _receive_blocks(sock: socket.socket, job: PullJob, deadline: float) -> bytes:
-    """Receive every piece into the local blocks (in place when contiguous), a batch of pieces
-    per system call; the xxh3 of them."""
+    """Receive every piece into the local blocks (in place when the cache is dense host memory),
+    a batch of pieces per system call; the xxh3 of them."""
     digest = xxhash.xxh3_64()
+    spans = job.layout.host_spans(job.local_block_ids)
+    if spans is not None:
+        for bufs in vectored.batches(spans, len):
+            vectored.recv_all(sock, bufs, deadline, job.raise_if_cancelled)
+            for buf in bufs:
+                digest.update(buf)
+        return digest.digest()
     for group in vectored.batches(job.layout.all_pieces(job.local_block_ids), lambda view: view.nbytes):
         targets = [landing(view) for view in group]
         bufs = [as_bytes(t) for t in targets]
@@ -165,16 +172,25 @@ def _send_blocks(layout: KvLayout, conn: socket.socket, entry: Hold, first: int,
     blocks = entry.block_ids[first:first + count]
     send_json(conn, {"ok": True, "bytes": count * layout.block_bytes()})
     digest = xxhash.xxh3_64()
-    corrupt = entry.fault == "corrupt"
-    for group in vectored.batches(layout.all_pieces(blocks), lambda view: view.nbytes):
-        bufs = [host_bytes(view) for view in group]
+    for bufs in _outgoing(layout, blocks):
         for buf in bufs:
             digest.update(buf)
-        if corrupt:  # test-only fault: flip the first byte of each piece on the wire
+        if entry.fault == "corrupt":  # test-only fault: flip the first byte of each piece on the wire
             bufs = [memoryview(bytes([b[0] ^ 0xFF]) + bytes(b[1:])) for b in bufs]
         vectored.send_all(conn, bufs, time.monotonic() + IO_TIMEOUT_S)
     conn.settimeout(IO_TIMEOUT_S)
     conn.sendall(digest.digest())
+
+
+def _outgoing(layout: KvLayout, blocks: list[int]) -> Iterator[list[memoryview]]:
+    """The blocks' bytes in wire order, a batch per system call: slices of the cache itself when
+    it is dense host memory, else each piece in place or as a host copy."""
+    spans = layout.host_spans(blocks)
+    if spans is not None:
+        yield from vectored.batches(spans, len)
+        return
+    for group in vectored.batches(layout.all_pieces(blocks), lambda view: view.nbytes):
+        yield [host_bytes(view) for view in group]
 
 
 def send_json(sock: socket.socket, obj: dict) -> None:

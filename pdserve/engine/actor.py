@@ -32,7 +32,8 @@ class EngineWorker:
 
         kv_host = ray.util.get_node_ip_address()
         connector: dict[str, Any] = {"host": kv_host, "transport": kv.transport, "lease_s": kv.lease_s,
-                                     "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks}
+                                     "load_timeout_s": kv.load_timeout_s, "chunk_blocks": kv.chunk_blocks,
+                                     "idle_wait_ms": kv.idle_wait_ms}
         self.name = name
         self.host = EngineHost(engine, model, self.role, connector)
         self.direct = DirectServer(self, kv_host)
