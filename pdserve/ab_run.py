@@ -22,16 +22,17 @@ from pdserve.chaos import ServeProcess
 LENGTHS = (64, 256, 512, 1024, 1900)
 
 
-def run(config: str, key: str, values: list[str], runs: int, warmup: int, out: Path) -> dict:
+def run(config: str, key: str, values: list[str], runs: int, warmup: int, out: Path, fill: int = 0) -> dict:
     """``runs`` rounds; in each, one fresh deployment per value of ``key`` (a dotted config key,
-    e.g. ``routing.worker_calls``) measured by ``report.overheads``. Writes and returns the report."""
+    e.g. ``routing.worker_calls``) measured by ``report.overheads`` (``fill``: its cache-cycling
+    requests). Writes and returns the report."""
     per_value: dict[str, list[dict]] = {v: [] for v in values}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(runs):
             for value in values:
-                per_value[value].append(_measure(_variant(config, key, value, Path(tmp)), warmup, out))
+                per_value[value].append(_measure(_variant(config, key, value, Path(tmp)), warmup, out, fill))
     result = {"what": f"pdserve bench --overheads on a fresh deployment per run, {key} alternating over "
-                      f"{', '.join(values)}, {runs} runs each, {warmup} warm-up requests per run",
+                      f"{', '.join(values)}, {runs} runs each, {warmup} warm-up and {fill} cache-filling requests per run",
               "config": config, "key": key, **{v: _summary(rs) for v, rs in per_value.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -52,13 +53,13 @@ def _variant(config: str, key: str, value: str, tmp: Path) -> Path:
     return file
 
 
-def _measure(config: Path, warmup: int, out: Path) -> dict:
+def _measure(config: Path, warmup: int, out: Path, fill: int) -> dict:
     name, port = f"ab-{os.getpid()}", free_port()
     serve = ServeProcess(["--config", str(config), "--name", name, "--port", str(port), "--http-port", "-1",
                           "--metrics-port", "-1"], out.with_suffix(".serve.log"))
     try:
         serve.start()
-        return report.overheads(f"127.0.0.1:{port}", LENGTHS, repeats=3, warmup=warmup)
+        return report.overheads(f"127.0.0.1:{port}", LENGTHS, repeats=3, warmup=warmup, fill=fill)
     finally:
         serve.terminate()
         launch.stop(config_mod.load(config, {"name": name}))

@@ -27,6 +27,9 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
                        help=f"SLO sets (repeatable; default {' and '.join(DEFAULT_SLOS)})")
     bench.add_argument("--seed", type=int, default=0), bench.add_argument("--timeout", type=float, default=300.0)
     bench.add_argument("--warmup", type=int, default=3, help="unrecorded requests sent first, one at a time (--overheads too)")
+    bench.add_argument("--fill", type=int, default=0,
+                       help="with --overheads: unrecorded 1,900-token requests after the warm-up, to cycle the KV caches "
+                            "(30 cycle deploy/local.yaml's 1 GiB)")
     bench.add_argument("--rate-warmup", type=int, default=0,
                        help="per rate: requests sent at the rate before the --requests that are scored")
     bench.add_argument("--label", default="pdserve"), bench.add_argument("--out", default="results/bench/run.json")
@@ -52,6 +55,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     ab.add_argument("--config", default="deploy/local.yaml")
     ab.add_argument("--set", required=True, metavar="KEY=V1,V2", help="e.g. routing.worker_calls=grpc,tcp")
     ab.add_argument("--runs", type=int, default=3), ab.add_argument("--warmup", type=int, default=3)
+    ab.add_argument("--fill", type=int, default=0, help="as bench --overheads --fill")
     ab.add_argument("--out", default="docs/results/perf/worker-calls-ab.json")
     ab.set_defaults(func=_bench_ab)
     cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
@@ -117,7 +121,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.overheads:
-        result = report.overheads(args.target, [64, 256, 512, 1024, 1900], repeats=3, warmup=args.warmup)
+        result = report.overheads(args.target, [64, 256, 512, 1024, 1900], repeats=3, warmup=args.warmup,
+                                  fill=args.fill)
         if args.http_target:
             result["http_vs_grpc"] = report.http_overhead(args.target, args.http_target)
             print(json.dumps(result["http_vs_grpc"], indent=1))
@@ -159,7 +164,7 @@ def _bench_ab(args: argparse.Namespace) -> int:
     from pdserve import ab_run
 
     key, _, values = args.set.partition("=")
-    result = ab_run.run(args.config, key, values.split(","), args.runs, args.warmup, Path(args.out))
+    result = ab_run.run(args.config, key, values.split(","), args.runs, args.warmup, Path(args.out), args.fill)
     for value in values.split(","):
         s = result[value]
         print(f"{key}={value}: router added p50 {s['router_added_ms_p50']:.2f} ms (per run "

@@ -121,24 +121,31 @@ def _pyplot():
     return plt
 
 
-def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int = 1000, warmup: int = 0) -> dict:
+def overheads(target: str, lengths: Sequence[int], repeats: int, vocab_id: int = 1000, warmup: int = 0,
+              fill: int = 0) -> dict:
     """Sequential requests of each prompt length: the router's added latency (client TTFT minus
     the prefill call), KV-transfer time and bytes, the transport's throughput against a raw TCP
     loopback stream of the same bytes measured in the same run, and the gap between the first
     and the second token (seen by the client) next to the transfer and one decode step. The
     ``warmup`` requests (64 tokens, prompts of their own) go first and are not recorded: they
-    carry the deployment's one-time costs (first connections, first calls)."""
+    carry the deployment's one-time costs (first connections, first calls). Then ``fill`` requests
+    of the longest length, also unrecorded, cycle the engines' KV caches: once a cache has been
+    through all its blocks, vLLM hands a request blocks freed by others, scattered, which is how
+    a long-running engine allocates (0: measure a fresh deployment's consecutive blocks)."""
     client, rows = PdServeClient(target), []
     try:
         for w in range(warmup):
             _overhead_row(client, 64, _overhead_ids(64, repeats + w, vocab_id))
+        for f in range(fill):
+            _overhead_row(client, max(lengths), _overhead_ids(max(lengths), 1000 + f, vocab_id))
         for n in lengths:
             for r in range(repeats):
                 rows.append(_overhead_row(client, n, _overhead_ids(n, r, vocab_id)))
     finally:
         client.close()
     added = sorted(x["router_added_ms"] for x in rows)
-    return {"per_length": per_length(rows, lengths), "requests": rows, "warmup_requests": warmup, "router_added_ms_median": statistics.median(added),
+    return {"per_length": per_length(rows, lengths), "requests": rows, "warmup_requests": warmup,
+            "fill_requests": fill, "router_added_ms_median": statistics.median(added),
             "router_added_ms_p99": nearest_rank(added, 0.99)}
 
 
