@@ -40,6 +40,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     kvb = sub.add_parser("bench-kv", help="every KV transport against raw TCP on loopback (7B-class and this machine's KV)")
     kvb.add_argument("--rounds", type=int, default=5)
     kvb.add_argument("--out", default="docs/results/perf/kv-transports.json")
+    kvb.add_argument("--scattered", action="store_true", help="blocks as a cycled cache hands them out (none consecutive)")
     kvb.set_defaults(func=_bench_kv)
     chaos = sub.add_parser("chaos", help="a deployment under load while its parts fail (docs/reliability.md)")
     chaos.add_argument("--config", default="deploy/local.yaml")
@@ -89,7 +90,7 @@ def _bench_kv(args: argparse.Namespace) -> int:
 
     from pdserve.bench import kv
 
-    result = kv.run(Path(args.out), args.rounds)
+    result = kv.run(Path(args.out), args.rounds, args.scattered)
     print(f"{'model':>16} {'transport':>10} {'tokens':>7} {'MB':>7} {'ms':>9} {'GB/s':>6} {'of raw TCP':>10}")
     for row in result["rows"]:
         print(f"{row['model'].split()[0]:>16} {row['transport']:>10} {row['prompt_tokens']:>7} {row['bytes'] / 1e6:>7.0f} {row['median_ms']:>9.1f} "

@@ -53,3 +53,15 @@ def test_host_spans_write_into_the_cache():
 def test_no_host_spans_for_a_cache_with_gaps():
     gapped = {"layer.0": torch.zeros(2, BLOCKS, 3, 4, 16, dtype=torch.bfloat16)[..., :8]}
     assert KvLayout(gapped, BLOCKS).host_spans([1, 2]) is None
+
+
+@pytest.mark.parametrize("blocks,scattered,runs", [(6, False, 1), (6, True, 6), (1, True, 1)])
+def test_bench_kv_scattered_blocks_are_one_piece_each(blocks, scattered, runs):
+    """``pdserve bench-kv --scattered`` holds blocks as a cycled cache hands them out: no two
+    consecutive, so each block of each layer is a piece of its own."""
+    from pdserve.bench.kv import block_ids
+
+    ids = block_ids(blocks, scattered)
+    assert sorted(ids) == list(range(blocks))
+    layout = KvLayout(_caches((BLOCKS, 4, 3, 8), None, seed=3), BLOCKS)
+    assert len(layout.host_spans(ids)) == layout.num_layers * runs

@@ -6,7 +6,9 @@ size] per layer, bf16) and serves it with every transport; this process pulls pr
 lengths into its own cache with each, round-robin, and also receives the same bytes over a plain
 TCP connection (one ``sendall`` of a preallocated buffer into one ``recv_into``), the ceiling of
 any transport on this host. Times include connecting, the checks before the first byte, the
-checksum, and the release. The medians of ``rounds`` rounds are written as JSON.
+checksum, and the release. The medians of ``rounds`` rounds are written as JSON. With
+``scattered``, both sides hold their blocks in the order a cycled vLLM cache hands them out (freed
+last first: no two consecutive), one piece per block and layer, where a fresh cache gives one run.
 """
 from __future__ import annotations
 
@@ -55,7 +57,12 @@ def _caches(shape: KvShape, num_blocks: int) -> dict:
                                                        dtype=torch.bfloat16) for i in range(shape.layers)}
 
 
-def _sender(conn: Any, shape: KvShape, num_blocks: int) -> None:
+def block_ids(blocks: int, scattered: bool) -> list[int]:
+    """The cache blocks a request of ``blocks`` blocks occupies: one run, or none consecutive."""
+    return list(range(blocks - 1, -1, -1)) if scattered else list(range(blocks))
+
+
+def _sender(conn: Any, shape: KvShape, num_blocks: int, scattered: bool) -> None:
     """The prefill side (a child process): serve every transport and raw TCP until told to stop."""
     import torch
 
@@ -85,7 +92,7 @@ def _sender(conn: Any, shape: KvShape, num_blocks: int) -> None:
         if msg is None:
             return
         rid, blocks = msg
-        held.hold(rid, list(range(blocks)), secret="bench")
+        held.hold(rid, block_ids(blocks, scattered), secret="bench")
         conn.send(True)
 
 
@@ -111,17 +118,17 @@ def _raw_pull(port: int, buf: memoryview) -> None:
             got += n
 
 
-def run(out: Path, rounds: int = 5) -> dict:
+def run(out: Path, rounds: int = 5, scattered: bool = False) -> dict:
     """Measure every shape and write the results; returns them."""
-    rows = [row for shape in SHAPES for row in _measure(shape, rounds)]
+    rows = [row for shape in SHAPES for row in _measure(shape, rounds, scattered)]
     result = {"models": [shape.describe() for shape in SHAPES], "rounds": rounds, "date": time.strftime("%Y-%m-%d"),
-              "rows": rows}
+              "blocks": "scattered (none consecutive)" if scattered else "consecutive", "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return result
 
 
-def _measure(shape: KvShape, rounds: int) -> list[dict]:
+def _measure(shape: KvShape, rounds: int, scattered: bool) -> list[dict]:
     """One sender process holding ``shape``'s KV; every transport and raw TCP, round-robin."""
     import torch
 
@@ -132,7 +139,7 @@ def _measure(shape: KvShape, rounds: int) -> list[dict]:
     layout = KvLayout(_caches(shape, num_blocks), num_blocks, "bench")
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_sender, args=(child, shape, num_blocks), daemon=True)
+    proc = ctx.Process(target=_sender, args=(child, shape, num_blocks, scattered), daemon=True)
     proc.start()
     try:
         ports = parent.recv()
@@ -140,7 +147,7 @@ def _measure(shape: KvShape, rounds: int) -> list[dict]:
         raw_buf = memoryview(bytearray(num_blocks * layout.block_bytes()))
         for r in range(rounds):
             for tokens in shape.prompts:
-                _round(shape, layout, parent, ports, tokens, r, times)
+                _round(shape, layout, parent, ports, tokens, r, times, scattered)
                 start = time.perf_counter()
                 _raw_pull(ports["raw"], raw_buf[:shape.blocks(tokens) * layout.block_bytes()])
                 times["raw_tcp"][tokens].append(time.perf_counter() - start)
@@ -153,7 +160,7 @@ def _measure(shape: KvShape, rounds: int) -> list[dict]:
 
 
 def _round(shape: KvShape, layout: Any, parent: Any, ports: dict, tokens: int, r: int,
-           times: dict[str, dict[int, list[float]]]) -> None:
+           times: dict[str, dict[int, list[float]]], scattered: bool) -> None:
     """Pull ``tokens``' blocks once with every transport (the sender holds them for each first)."""
     from kv_transfer import control, transports
     from kv_transfer.handle import KvHandle
@@ -166,7 +173,7 @@ def _round(shape: KvShape, layout: Any, parent: Any, ports: dict, tokens: int, r
         handle = KvHandle("127.0.0.1", (ports["control"],), rid, tokens, blocks, shape.block, "bench", name,
                           (ports.get(name, 0),))
         start = time.perf_counter()
-        transports.get(name).pull(transports.PullJob(layout, handle, 0, list(range(blocks)), 120.0))
+        transports.get(name).pull(transports.PullJob(layout, handle, 0, block_ids(blocks, scattered), 120.0))
         if not transports.get(name).acks_release:
             control.release(handle)
         times[name][tokens].append(time.perf_counter() - start)
