@@ -23,16 +23,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 import xxhash
 
 from kv_transfer.layout import KvLayout, as_bytes, run_starts
 from kv_transfer.leases import PullRefused
-from kv_transfer.transports import tcp
+from kv_transfer.transports import gloo_messages, tcp
 from kv_transfer.transports.base import KvTransferError, KvTransport, PullJob, ServeContext, Serving
 
 log = logging.getLogger("pdserve.kv")
@@ -40,10 +38,6 @@ GROUP_TIMEOUT_S = 30.0
 """Bound on building a group and on any one send of the prefill side."""
 _SENDER, _RECEIVER = 0, 1
 _NO_DIGEST = bytes(8)
-IN_PLACE_BYTES = 256 << 10
-"""A piece this large travels alone, in place."""
-STAGE_BYTES = 16 << 20
-"""Most bytes of smaller pieces packed into one message (one copy on each side)."""
 
 
 @dataclass
@@ -167,18 +161,14 @@ def _pull_on(pair: _Pair, sock: socket.socket, job: PullJob, deadline: float) ->
 
 def _recv_pieces(pair: _Pair, job: PullJob, tag: int, cuts: list[int], deadline: float) -> bytes:
     """Receive the pieces (cut where either side's runs start) into the local blocks, as
-    ``_messages`` groups them (a large piece in place when contiguous); their xxh3."""
+    ``gloo_messages.group`` groups them (a large piece in place when contiguous); their xxh3."""
     digest = xxhash.xxh3_64()
-    for message in _messages(job.layout.all_pieces(job.local_block_ids, cuts)):
-        view = message[0]
-        if len(message) > 1:
-            target = torch.empty(sum(p.nbytes for p in message), dtype=torch.uint8, device=view.device)
-        else:
-            target = view if view.is_contiguous() else torch.empty_like(view, memory_format=torch.contiguous_format)
+    for message in gloo_messages.group(job.layout.all_pieces(job.local_block_ids, cuts)):
+        target = gloo_messages.receive_buffer(message)
         pair.group.recv([target], _SENDER, tag).wait(timedelta(seconds=max(0.01, deadline - time.monotonic())))
         if target.device.type == "cpu":
             digest.update(as_bytes(target))
-        _unpack(message, target)
+        gloo_messages.unpack(message, target)
     return digest.digest()
 
 
@@ -257,10 +247,10 @@ class _GlooServer:
 def _send_pieces(layout: KvLayout, group: dist.ProcessGroup, tag: int, blocks: list[int], cuts: list[int],
                  corrupt: bool) -> bytes:
     """Send the blocks' pieces (cut where either side's runs start) on ``group`` with ``tag``, one
-    message per ``_messages`` group; the xxh3 of them (zeros on CUDA)."""
+    message per ``gloo_messages.group``; the xxh3 of them (zeros on CUDA)."""
     digest, on_cpu = xxhash.xxh3_64(), True
-    for message in _messages(layout.all_pieces(blocks, cuts)):
-        piece = _pack(message)
+    for message in gloo_messages.group(layout.all_pieces(blocks, cuts)):
+        piece = gloo_messages.pack(message)
         on_cpu = piece.device.type == "cpu"
         if on_cpu:
             digest.update(as_bytes(piece))
@@ -269,49 +259,6 @@ def _send_pieces(layout: KvLayout, group: dist.ProcessGroup, tag: int, blocks: l
             as_bytes(piece)[0] ^= 0xFF
         group.send([piece], _RECEIVER, tag).wait(timedelta(seconds=GROUP_TIMEOUT_S))
     return digest.digest() if on_cpu else _NO_DIGEST
-
-
-def _messages(pieces: Iterable[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    """The pieces grouped into messages, as both sides group the same sizes: a piece of at least
-    IN_PLACE_BYTES alone, consecutive smaller ones together up to STAGE_BYTES. Once a cache has
-    cycled, a request's blocks are scattered and each is a piece of its own (24-32 KB per layer);
-    a message each cost a round of the group's protocol, 10-14x slower than raw TCP in
-    ``pdserve bench-kv --scattered``."""
-    run: list[torch.Tensor] = []
-    size = 0
-    for piece in pieces:
-        if piece.nbytes >= IN_PLACE_BYTES or (run and size + piece.nbytes > STAGE_BYTES):
-            if run:
-                yield run
-            run, size = [], 0
-        if piece.nbytes >= IN_PLACE_BYTES:
-            yield [piece]
-            continue
-        run.append(piece)
-        size += piece.nbytes
-    if run:
-        yield run
-
-
-def _pack(message: list[torch.Tensor]) -> torch.Tensor:
-    """One contiguous tensor with the message's bytes (the piece itself when it is one and
-    contiguous)."""
-    if len(message) == 1:
-        return message[0] if message[0].is_contiguous() else message[0].contiguous()
-    return torch.cat([p.reshape(-1).view(torch.uint8) for p in message])
-
-
-def _unpack(message: list[torch.Tensor], received: torch.Tensor) -> None:
-    """Copy a received message into its pieces (nothing when it landed in place)."""
-    if len(message) == 1:
-        if received is not message[0]:
-            message[0].copy_(received, non_blocking=True)
-        return
-    offset = 0
-    for piece in message:
-        chunk = received[offset:offset + piece.nbytes].view(piece.dtype).view(piece.shape)
-        piece.copy_(chunk, non_blocking=True)
-        offset += piece.nbytes
 
 
 def _group(store: dist.Store, rank: int, host: str, layout: KvLayout, timeout: timedelta) -> dist.ProcessGroup:
