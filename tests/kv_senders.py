@@ -3,7 +3,6 @@ a prefill side serving its holds over one transport (real sockets on loopback), 
 vLLM."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -33,11 +32,6 @@ def make_layout(seed: int, dtype: torch.dtype = torch.bfloat16, identity: str = 
     caches = {n: t.to(device) for n, t in caches.items()}
     return KvLayout(caches, NUM_BLOCKS, identity), caches
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

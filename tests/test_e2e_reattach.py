@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,12 @@ from pathlib import Path
 import grpc
 
 from conftest import wait_until
+from pdserve.base.net import free_port
 from pdserve.client import PdServeClient, build_request
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = re.compile(r"pdserve engines of '[^']+': (.*)")
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Serve:
@@ -74,7 +69,7 @@ def _answer(target: str, retries: int = 0) -> int:
 
 
 def test_restarted_router_reattaches_and_stop_ends_the_deployment(tmp_path):
-    name, port = f"reattach-{os.getpid()}", _port()
+    name, port = f"reattach-{os.getpid()}", free_port()
     env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path / "state")}
     stop = [sys.executable, "-m", "pdserve.cli", "stop", "--name", name]
     first = second = None

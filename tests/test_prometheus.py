@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -14,6 +13,7 @@ import pytest
 
 from conftest import start_router, stop_router, wait_until
 from helpers import idle
+from pdserve.base.net import free_port
 from pdserve.client import PdServeClient, build_request
 
 FINISHED = 4
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
     reason="Debian's prometheus package is not installed and could not be (`make test` tries apt-get)")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def metered_router(cluster):
 def prometheus(metered_router, tmp_path_factory):
     """A Prometheus server on loopback scraping the router every second; ended by its pid."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    port, metrics_port = _free_port(), metered_router.server.service.metrics_port
+    port, metrics_port = free_port(), metered_router.server.service.metrics_port
     (tmp / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"scrape_configs:\n  - job_name: pdserve\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")

@@ -12,13 +12,14 @@ import time
 import pytest
 import torch
 
-from kv_senders import (LAYERS, NUM_BLOCKS, SECRET, TRANSPORTS, free_port, make_layout, pull_blocks, start_sender,
+from kv_senders import (LAYERS, NUM_BLOCKS, SECRET, TRANSPORTS, make_layout, pull_blocks, start_sender,
                         wait_for)
 from kv_transfer import control, leases, transports
 from kv_transfer.handle import KvHandle
 from kv_transfer.layout import KvLayout, KvLayoutError
 from kv_transfer.transports import KvTransferError
 from pdserve.base.config import KV_TRANSPORTS
+from pdserve.base.net import free_port
 
 
 def test_registry_matches_the_config():
