@@ -70,6 +70,45 @@ class KvLayout:
         for layer in range(self.num_layers):
             yield from self.pieces(layer, block_ids, cuts)
 
+    def layer_block_bytes(self, layer: int) -> int:
+        """Bytes of one block of one layer."""
+        tensor, dim = self._tensors[layer], self._block_dims[layer]
+        return tensor.numel() // tensor.shape[dim] * tensor.element_size()
+
+    def smallest_piece(self, layer: int, block_ids: list[int], cuts: Iterable[int] = ()) -> int:
+        """Bytes of the smallest view ``pieces(layer, block_ids, cuts)`` yields (0 for no blocks),
+        without making the views."""
+        view, order = self._memory[layer]
+        outer = view.shape[:order.index(self._block_dims[layer])].numel()
+        shortest = min((b - a for a, b in _segments(block_ids, cuts)), default=0)
+        return shortest * self.layer_block_bytes(layer) // outer
+
+    def select_into(self, layer: int, index: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy the blocks ``index`` (a long tensor on the cache's device) of one layer into
+        ``out``, a contiguous uint8 tensor of ``len(index) * layer_block_bytes(layer)`` bytes, in
+        the byte order of ``pieces``: one ``index_select`` per index of the outer dimensions."""
+        for rows, chunk in self._row_chunks(layer, len(index), out):
+            torch.index_select(rows, 0, index, out=chunk)
+
+    def place_from(self, layer: int, index: torch.Tensor, src: torch.Tensor) -> None:
+        """Write bytes laid out by ``select_into`` (on a same-layout peer) into the blocks ``index``
+        of one layer (asynchronously on a GPU: ``synchronize`` before the load is reported done)."""
+        for rows, chunk in self._row_chunks(layer, len(index), src):
+            rows.index_copy_(0, index, chunk)
+
+    def _row_chunks(self, layer: int, count: int, flat: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per index of the outer dimensions: the layer's blocks there ([blocks, ...]) and the
+        matching slice of ``flat`` viewed as ``count`` of them."""
+        view, order = self._memory[layer]
+        axis = order.index(self._block_dims[layer])
+        row_shape = list(view.shape[axis + 1:])
+        size = count * torch.Size(row_shape).numel() * view.element_size()
+        if flat.nbytes != size * view.shape[:axis].numel():
+            raise KvLayoutError(f"layer {layer}: {flat.nbytes} bytes for {count} blocks")
+        for n, idx in enumerate(itertools.product(*(range(k) for k in view.shape[:axis]))):
+            chunk = flat[n * size:(n + 1) * size].view(view.dtype).view([count, *row_shape])
+            yield (view[idx] if idx else view), chunk
+
     def host_spans(self, block_ids: list[int]) -> list[memoryview] | None:
         """The bytes of ``all_pieces(block_ids)``, in the same order, as writable memoryviews of
         the cache itself; None unless every layer is dense host memory (then use the tensors).

@@ -1,5 +1,6 @@
-"""``KvLayout.host_spans``: the ``tcp`` transport's cheap path over a dense host cache must give
-exactly the bytes, in exactly the order, of the tensor pieces every transport agrees on."""
+"""The cheap paths over a cache, which must give exactly the bytes, in exactly the order, of the
+tensor pieces every transport agrees on: ``KvLayout.host_spans`` (the ``tcp`` transport) and
+``select_into``/``place_from`` with the message plan of the ``gloo`` transport."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,8 @@ import random
 import pytest
 import torch
 
-from kv_transfer.layout import KvLayout
+from kv_transfer.layout import KvLayout, run_starts
+from kv_transfer.transports import gloo_messages
 
 BLOCKS = 24
 
@@ -26,12 +28,19 @@ def _block_lists() -> list[list[int]]:
     return [[4], [3, 4, 5, 6], [9, 2, 17], [0, 1, 2, 10, 11, 23], rng.sample(range(BLOCKS), 12), list(range(BLOCKS))]
 
 
-@pytest.mark.parametrize("shape,permute", [
+LAYOUTS = [
     ((2, BLOCKS, 3, 4, 8), None),              # [K/V, blocks, ...]: two pieces per run and layer
     ((BLOCKS, 2, 3, 4, 8), (1, 0, 2, 3, 4)),   # block-major memory seen as [K/V, blocks, ...]
     ((BLOCKS, 4, 3, 8), None),                 # blocks outermost, nothing outside the block axis
     ((3, 2, BLOCKS, 4, 8), (1, 2, 0, 3, 4)),   # heads outermost in memory
-])
+]
+
+
+def _bytes(pieces) -> bytes:
+    return b"".join(p.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() for p in pieces)
+
+
+@pytest.mark.parametrize("shape,permute", LAYOUTS)
 @pytest.mark.parametrize("block_ids", _block_lists())
 def test_host_spans_are_the_pieces_bytes_in_order(shape, permute, block_ids):
     layout = KvLayout(_caches(shape, permute, seed=len(block_ids)), BLOCKS)
@@ -65,3 +74,48 @@ def test_bench_kv_scattered_blocks_are_one_piece_each(blocks, scattered, runs):
     assert sorted(ids) == list(range(blocks))
     layout = KvLayout(_caches((BLOCKS, 4, 3, 8), None, seed=3), BLOCKS)
     assert len(layout.host_spans(ids)) == layout.num_layers * runs
+
+
+@pytest.mark.parametrize("shape,permute", LAYOUTS)
+@pytest.mark.parametrize("block_ids", _block_lists())
+def test_select_into_gives_the_pieces_bytes_and_place_from_writes_them_back(shape, permute, block_ids):
+    layout = KvLayout(_caches(shape, permute, seed=len(block_ids)), BLOCKS)
+    index = torch.tensor(block_ids)
+    for layer in range(layout.num_layers):
+        out = torch.empty(len(block_ids) * layout.layer_block_bytes(layer), dtype=torch.uint8)
+        layout.select_into(layer, index, out)
+        assert out.numpy().tobytes() == _bytes(layout.pieces(layer, block_ids))
+    peer = KvLayout(_caches(shape, permute, seed=99), BLOCKS)
+    for layer in range(layout.num_layers):
+        out = torch.empty(len(block_ids) * layout.layer_block_bytes(layer), dtype=torch.uint8)
+        layout.select_into(layer, index, out)
+        peer.place_from(layer, index, out)
+    assert _bytes(peer.all_pieces(block_ids)) == _bytes(layout.all_pieces(block_ids))
+
+
+@pytest.mark.parametrize("in_place", [0, 1 << 30])           # every layer in place / every layer gathered
+@pytest.mark.parametrize("stage", [1, 1 << 30])              # a message per gathered layer / one for all
+@pytest.mark.parametrize("sent,received", [
+    (list(range(BLOCKS)), list(range(BLOCKS))),                # a fresh cache on both sides
+    (list(range(BLOCKS - 1, -1, -1)), list(range(BLOCKS))),    # a cycled sender, a fresh receiver
+    ([0, 1, 2, 10, 11, 23], [5, 6, 7, 8, 1, 2]),               # runs that differ on each side
+])
+def test_the_gloo_plan_moves_the_pieces_bytes_between_layouts_that_differ_in_runs(
+        monkeypatch, in_place, stage, sent, received):
+    """Both sides plan from the same cuts (either side's run starts), so every message has one
+    size on both sides, and what lands in the receiver's blocks is the sender's pieces."""
+    monkeypatch.setattr(gloo_messages, "IN_PLACE_BYTES", in_place)
+    monkeypatch.setattr(gloo_messages, "STAGE_BYTES", stage)
+    shape, permute = LAYOUTS[0]
+    src, dst = KvLayout(_caches(shape, permute, seed=1), BLOCKS), KvLayout(_caches(shape, permute, seed=2), BLOCKS)
+    cuts = sorted(set(run_starts(sent)) | set(run_starts(received)))
+    out_plan, in_plan = list(gloo_messages.plan(src, sent, cuts)), list(gloo_messages.plan(dst, received, cuts))
+    assert [sum(p.nbytes for p in m) for m in out_plan] == [sum(p.nbytes for p in m) for m in in_plan]
+    assert all(m[0].piece is None for m in out_plan) == (in_place > 0)
+    src_index, dst_index = gloo_messages.block_index(src, sent), gloo_messages.block_index(dst, received)
+    for out_message, in_message in zip(out_plan, in_plan):
+        wire = gloo_messages.pack(src, out_message, src_index)
+        target = gloo_messages.receive_buffer(dst, in_message)
+        target.view(torch.uint8).reshape(-1).copy_(wire.view(torch.uint8).reshape(-1))
+        gloo_messages.unpack(dst, in_message, target, dst_index)
+    assert _bytes(dst.all_pieces(received)) == _bytes(src.all_pieces(sent))

@@ -160,15 +160,16 @@ def _pull_on(pair: _Pair, sock: socket.socket, job: PullJob, deadline: float) ->
 
 
 def _recv_pieces(pair: _Pair, job: PullJob, tag: int, cuts: list[int], deadline: float) -> bytes:
-    """Receive the pieces (cut where either side's runs start) into the local blocks, as
-    ``gloo_messages.group`` groups them (a large piece in place when contiguous); their xxh3."""
-    digest = xxhash.xxh3_64()
-    for message in gloo_messages.group(job.layout.all_pieces(job.local_block_ids, cuts)):
-        target = gloo_messages.receive_buffer(message)
+    """Receive the pieces (cut where either side's runs start) into the local blocks, in the
+    messages of ``gloo_messages.plan`` (a large piece in place when contiguous); their xxh3."""
+    digest, layout = xxhash.xxh3_64(), job.layout
+    index = gloo_messages.block_index(layout, job.local_block_ids)
+    for message in gloo_messages.plan(layout, job.local_block_ids, cuts):
+        target = gloo_messages.receive_buffer(layout, message)
         pair.group.recv([target], _SENDER, tag).wait(timedelta(seconds=max(0.01, deadline - time.monotonic())))
         if target.device.type == "cpu":
             digest.update(as_bytes(target))
-        gloo_messages.unpack(message, target)
+        gloo_messages.unpack(layout, message, target, index)
     return digest.digest()
 
 
@@ -246,11 +247,12 @@ class _GlooServer:
 
 def _send_pieces(layout: KvLayout, group: dist.ProcessGroup, tag: int, blocks: list[int], cuts: list[int],
                  corrupt: bool) -> bytes:
-    """Send the blocks' pieces (cut where either side's runs start) on ``group`` with ``tag``, one
-    message per ``gloo_messages.group``; the xxh3 of them (zeros on CUDA)."""
+    """Send the blocks' pieces (cut where either side's runs start) on ``group`` with ``tag``, in the
+    messages of ``gloo_messages.plan``; the xxh3 of them (zeros on CUDA)."""
     digest, on_cpu = xxhash.xxh3_64(), True
-    for message in gloo_messages.group(layout.all_pieces(blocks, cuts)):
-        piece = gloo_messages.pack(message)
+    index = gloo_messages.block_index(layout, blocks)
+    for message in gloo_messages.plan(layout, blocks, cuts):
+        piece = gloo_messages.pack(layout, message, index)
         on_cpu = piece.device.type == "cpu"
         if on_cpu:
             digest.update(as_bytes(piece))
