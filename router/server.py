@@ -62,28 +62,40 @@ class RouterServer:
         cache_blocks = max(1, (model.cache_blocks or 1024) * model.block_size // block)
         ctx = PolicyContext(block_size=block, cache_blocks=cache_blocks, latency=self.latency,
                             ttft_slo_ms=settings.slo_ttft_ms, replica=secrets.randbits(31))
-        colocated = settings.mode == "colocated"
-        role = "colocated" if colocated else "prefill"
-        policy = make_policy(settings.prefill_policy, ctx, **settings.prefill_params)
-        admission = AdmissionQueue(settings.admission, self.latency, policy, role, self.stats.record_decision)
-        watchdog = settings.faults.progress_timeout_s
-        adaptive = settings.mode == "adaptive"  # one set of kv_both engines behind both pools
         self.roles = RoleBalancer([w.name for w in prefill], window=settings.routing.role_window,
                                   cooldown_s=settings.routing.role_cooldown_s,
-                                  headroom=settings.routing.role_headroom) if adaptive else None
-        self.prefill = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog,
-                                  self.roles.takes_prompts if adaptive else None)
-        self.decode = None if colocated else WorkerPool(
-            "decode", prefill if adaptive else decode, make_policy(settings.decode_policy, ctx),
-            self.stats.record_decision, progress_timeout_s=watchdog,
-            eligible=self.roles.takes_decodes if adaptive else None)
-        split = SplitRule(self.latency, settings.routing.split_budget_s) if adaptive else None
+                                  headroom=settings.routing.role_headroom) if settings.mode == "adaptive" else None
+        self.prefill, self.decode = self._pools(prefill, decode, settings, ctx)
+        split = SplitRule(self.latency, settings.routing.split_budget_s) if self.roles is not None else None
         self.dispatcher = Dispatcher(self.prefill, self.decode, model, settings.default_max_tokens,
                                      self.stats.record_request, block, settings.faults.request_retries,
                                      settings.faults.retry_wait_s, settings.kv_lease_s,
                                      _tokenizer(model) if settings.tokenize_in_router else None, split,
                                      settings.routing.worker_calls)
-        self.exporter = PrometheusExporter(self.dispatcher.pools, admission, self.latency)
+        self._front_ends(model, settings)
+        self._server: grpc.aio.Server | None = None
+        self._poller: asyncio.Task | None = None
+
+    def _pools(self, prefill: Sequence[Any], decode: Sequence[Any], settings: ServiceSettings,
+               ctx: PolicyContext) -> tuple[WorkerPool, WorkerPool | None]:
+        """The prefill pool (with its admission queue) and the decode pool (None when colocated;
+        in adaptive mode one set of kv_both engines behind both, split by ``self.roles``)."""
+        role = "colocated" if settings.mode == "colocated" else "prefill"
+        policy = make_policy(settings.prefill_policy, ctx, **settings.prefill_params)
+        admission = AdmissionQueue(settings.admission, self.latency, policy, role, self.stats.record_decision)
+        watchdog, roles = settings.faults.progress_timeout_s, self.roles
+        pool = WorkerPool(role, prefill, policy, self.stats.record_decision, admission, watchdog,
+                          roles.takes_prompts if roles else None)
+        if settings.mode == "colocated":
+            return pool, None
+        return pool, WorkerPool("decode", prefill if roles else decode, make_policy(settings.decode_policy, ctx),
+                                self.stats.record_decision, progress_timeout_s=watchdog,
+                                eligible=roles.takes_decodes if roles else None)
+
+    def _front_ends(self, model: ModelInfo, settings: ServiceSettings) -> None:
+        """The metrics exporter, the gRPC service, health, the guard and the HTTP API, wired to
+        the dispatcher and the stats."""
+        self.exporter = PrometheusExporter(self.dispatcher.pools, self.prefill.admission, self.latency)
         self.stats.listeners.append(self.exporter)
         if self.roles is not None:
             self.stats.listeners.append(self.roles)
@@ -95,8 +107,6 @@ class RouterServer:
         self.http_port = settings.http_port
         """The HTTP API's bound port once started (-1: off)."""
         self.reflection = settings.reflection
-        self._server: grpc.aio.Server | None = None
-        self._poller: asyncio.Task | None = None
 
     async def start(self, host: str, port: int, metrics_port: int = -1) -> int:
         """Bind and start serving (and ``/metrics`` unless ``metrics_port`` is -1); returns the

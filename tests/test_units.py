@@ -218,6 +218,27 @@ def test_live_router_replicas_draw_independently_and_share_hash_rings():
     assert [[r.lookup(k) for r in a.rings] for k in range(50)] == [[r.lookup(k) for r in b.rings] for k in range(50)]
 
 
+@pytest.mark.parametrize("mode,decode_names,role_split", [
+    ("disaggregated", ["decode-0"], False),
+    ("colocated", None, False),
+    ("adaptive", ["prefill-0", "prefill-1"], True),     # one set of kv_both engines behind both pools
+])
+def test_the_router_builds_the_pools_of_its_mode(mode, decode_names, role_split):
+    from types import SimpleNamespace
+
+    from pdserve.base.types import ModelInfo
+    from router.server import RouterServer, ServiceSettings
+
+    prefill = [SimpleNamespace(name=f"prefill-{i}", actor=None) for i in range(2)]
+    decode = [SimpleNamespace(name="decode-0", actor=None)]
+    model = ModelInfo(model="/nonexistent/model", max_model_len=2048, block_size=32, eos_token_id=0)
+    router = RouterServer(prefill, [] if mode == "colocated" else decode, model, ServiceSettings(http_port=-1, mode=mode))
+    assert router.prefill.role == ("colocated" if mode == "colocated" else "prefill")
+    assert router.prefill.admission is not None and router.exporter is not None
+    assert (router.decode and sorted(router.decode._workers)) == decode_names
+    assert (router.roles is not None, router.dispatcher.pools[0] is router.prefill) == (role_split, True)
+
+
 CHILD_LOG = "Traceback (most recent call last):\n    bind(port)\n    ^^^^^^^^^^\nOSError: Address already in use\n"
 CHILD = f"import sys; sys.stderr.write({CHILD_LOG!r})"
 PARENT = ("import subprocess, sys; from pdserve.base.procs import stderr_tail;"
