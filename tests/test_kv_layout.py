@@ -114,8 +114,22 @@ def test_the_gloo_plan_moves_the_pieces_bytes_between_layouts_that_differ_in_run
     assert all(m[0].piece is None for m in out_plan) == (in_place > 0)
     src_index, dst_index = gloo_messages.block_index(src, sent), gloo_messages.block_index(dst, received)
     for out_message, in_message in zip(out_plan, in_plan):
-        wire = gloo_messages.pack(src, out_message, src_index)
-        target = gloo_messages.receive_buffer(dst, in_message)
-        target.view(torch.uint8).reshape(-1).copy_(wire.view(torch.uint8).reshape(-1))
-        gloo_messages.unpack(dst, in_message, target, dst_index)
+        with gloo_messages.packed(src, out_message, src_index) as wire, \
+                gloo_messages.received(dst, in_message, dst_index) as target:
+            target.view(torch.uint8).reshape(-1).copy_(wire.view(torch.uint8).reshape(-1))
     assert _bytes(dst.all_pieces(received)) == _bytes(src.all_pieces(sent))
+    assert list(gloo_messages.plan(src, [], [])) == []
+
+
+def test_staging_buffers_are_reused_never_shared_and_bounded():
+    staging = gloo_messages.Staging(keep=2)
+    cpu = torch.device("cpu")
+    with staging.borrow(100, cpu) as a, staging.borrow(100, cpu) as b, staging.borrow(10, cpu) as c:
+        assert len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3 and (a.numel(), c.numel()) == (100, 10)
+        first = a.data_ptr()
+    with staging.borrow(50, cpu) as again:   # a kept buffer, not a fresh one
+        assert again.data_ptr() in {first, b.data_ptr(), c.data_ptr()}
+    assert len(staging._free) == 2
+    with pytest.raises(RuntimeError), staging.borrow(8, cpu):
+        raise RuntimeError("a failed transfer still returns its buffer")
+    assert len(staging._free) == 2

@@ -165,11 +165,10 @@ def _recv_pieces(pair: _Pair, job: PullJob, tag: int, cuts: list[int], deadline:
     digest, layout = xxhash.xxh3_64(), job.layout
     index = gloo_messages.block_index(layout, job.local_block_ids)
     for message in gloo_messages.plan(layout, job.local_block_ids, cuts):
-        target = gloo_messages.receive_buffer(layout, message)
-        pair.group.recv([target], _SENDER, tag).wait(timedelta(seconds=max(0.01, deadline - time.monotonic())))
-        if target.device.type == "cpu":
-            digest.update(as_bytes(target))
-        gloo_messages.unpack(layout, message, target, index)
+        with gloo_messages.received(layout, message, index) as target:
+            pair.group.recv([target], _SENDER, tag).wait(timedelta(seconds=max(0.01, deadline - time.monotonic())))
+            if target.device.type == "cpu":
+                digest.update(as_bytes(target))
     return digest.digest()
 
 
@@ -252,14 +251,14 @@ def _send_pieces(layout: KvLayout, group: dist.ProcessGroup, tag: int, blocks: l
     digest, on_cpu = xxhash.xxh3_64(), True
     index = gloo_messages.block_index(layout, blocks)
     for message in gloo_messages.plan(layout, blocks, cuts):
-        piece = gloo_messages.pack(layout, message, index)
-        on_cpu = piece.device.type == "cpu"
-        if on_cpu:
-            digest.update(as_bytes(piece))
-        if corrupt:  # test-only fault: flip the first byte of each message on the wire
-            piece = piece.clone()
-            as_bytes(piece)[0] ^= 0xFF
-        group.send([piece], _RECEIVER, tag).wait(timedelta(seconds=GROUP_TIMEOUT_S))
+        with gloo_messages.packed(layout, message, index) as piece:
+            on_cpu = piece.device.type == "cpu"
+            if on_cpu:
+                digest.update(as_bytes(piece))
+            if corrupt:  # test-only fault: flip the first byte of each message on the wire
+                piece = piece.clone()
+                as_bytes(piece)[0] ^= 0xFF
+            group.send([piece], _RECEIVER, tag).wait(timedelta(seconds=GROUP_TIMEOUT_S))
     return digest.digest() if on_cpu else _NO_DIGEST
 
 
