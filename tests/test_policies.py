@@ -139,6 +139,24 @@ def test_dualmap_falls_back_past_both_candidates_only_when_both_miss_the_slo(slo
     assert (within.instance, within.reason) == (pair[1], "load")  # 2.1 s meets a 5 s SLO: no fallback
 
 
+@pytest.mark.parametrize("follow_owner,expected", [(True, "owner"), (False, "pair")])
+def test_dualmap_follows_a_conversation_to_where_its_last_turn_ran(follow_owner, expected):
+    """Turn 1 fell back past its loaded hash pair to a third instance. Turn 2 (its prefix and more)
+    finds the pair idle again: with ``follow_owner`` it goes where turn 1's blocks are (192 of its
+    cached tokens: 0.1 s predicted, not 0.3 s); without, the pair holds nothing of it and it goes
+    there, recomputing the whole prompt."""
+    policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR, block_size=32), adaptive_key=False,
+                           follow_owner=follow_owner)
+    turn1 = req("turn1", (0, 5, 6, 7, 8, 9), tokens=200, ttft_slo_ms=500)
+    pair = policy.candidates(turn1, NAMES)
+    first = policy.select(turn1, snaps({pair[0]: 3000, pair[1]: 2000}))
+    assert first.reason == "slo_fallback" and first.instance not in pair
+    turn2 = req("turn2", (0, 5, 6, 7, 8, 9, 10, 11, 12), tokens=300, ttft_slo_ms=500)
+    second = policy.select(turn2, snaps())
+    assert second.instance == (first.instance if expected == "owner" else min(pair))   # equal: by name
+    assert second.predicted_ttft_s == pytest.approx(0.108 if expected == "owner" else 0.3)
+
+
 def test_dualmap_keeps_a_conversation_on_its_instance_under_equal_load():
     policy = DualMapPolicy(PolicyContext(seed=SEED, latency=LINEAR))
     chosen = {policy.select(req(f"turn{i}", (0, 5) + tuple(range(10, 10 + i)), tokens=200 + 32 * i), snaps()).instance

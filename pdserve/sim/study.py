@@ -83,7 +83,9 @@ def summarize(result: RunResult, base_rate: float) -> dict:
 
 ABLATIONS = {"dualmap": {}, "no adaptive key": {"adaptive_key": False}, "no SLO-aware choice": {"slo_aware": False},
              "old TTFT estimate": {"queue_estimate": False}, "no rebalancing": {"rebalance_on": False},
-             "cache view not moved": {"follow_moves": False}, "no SLO fallback (as published)": {"slo_fallback": 0}}
+             "cache view not moved": {"follow_moves": False}, "no owner candidate": {"follow_owner": False},
+             "no SLO fallback": {"slo_fallback": 0},
+             "as published (no owner, no fallback)": {"follow_owner": False, "slo_fallback": 0}}
 """DualMap with each mechanism off in turn (keyword parameters of ``DualMapPolicy``)."""
 CANDIDATE = "dualmap"
 """The policy the study measures against the baselines (every other policy)."""

@@ -16,13 +16,21 @@
    TTFT SLO moves queued, not-started requests to their other candidate when the predicted TTFT gain
    is positive and the target still meets the SLO; largest gain first, one round, until the source
    meets the SLO. With ``follow_moves`` the cache view follows each move.
-6. **SLO fallback** (``slo_fallback``, not in the paper): when the choice above is still predicted
+6. **The prefix's owner** (``follow_owner``, not in the paper): a third candidate, the instance
+   the request's longest known prefix was last placed on, when that prefix is longer than the
+   request's key (``BlockOwners``, one lookup per block). A conversation whose last turn went
+   elsewhere (by the SLO switch, the fallback, a move, or a key that changed length) follows its
+   KV there; with two candidates it would recompute its whole history on the pair. The choice of
+   item 3 runs over all three: the longest cached prefix predicted to meet the SLO, else the
+   lowest predicted TTFT.
+7. **SLO fallback** (``slo_fallback``, not in the paper): when the choice above is still predicted
    to miss the TTFT SLO (both candidates are loaded past it), ``slo_fallback`` more instances (a
    window of the others, in name order, from a random start) are priced the same way, and the
    lowest predicted TTFT among all is taken (``slo_fallback`` reason). The work per decision stays
-   constant (at most 2 + ``slo_fallback`` instances); the paper's DualMap is ``slo_fallback=0``.
+   constant (at most 3 + ``slo_fallback`` instances); the paper's DualMap is ``slo_fallback=0`` and
+   ``follow_owner=False``.
    Why it exists: docs/routing.md.
-7. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
+8. **Dual-hash-ring scaling**: rings are consistent, so adding or removing an instance remaps only
    the keys of its ring segments.
 """
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pdserve.base.types import LoadSnapshot
 from router.policies.base import Choice, InstanceQueue, Move, PolicyContext, RouteRequest, cached_tokens
 from router.policies.hashring import HashRing, stable_hash
 from router.policies.hotness import HotnessTree
-from router.policies.prefix_index import PrefixIndexes
+from router.policies.prefix_index import BlockOwners, PrefixIndexes
 
 _REMEMBERED = 100_000
 """Routed requests whose candidates and placement are kept (for rebalancing)."""
@@ -49,7 +57,8 @@ class DualMapPolicy:
     def __init__(self, ctx: PolicyContext = PolicyContext(), vnodes: int = 64, max_key_blocks: int = 16,
                  window: int = 2000, min_hot_count: int = 8, adaptive_key: bool = True, slo_aware: bool = True,
                  queue_estimate: bool = True, rebalance_on: bool = True, follow_moves: bool = True,
-                 expand_share_n: float = 2.0, contract_share_n: float = 1.0, slo_fallback: int = 8) -> None:
+                 expand_share_n: float = 2.0, contract_share_n: float = 1.0, slo_fallback: int = 8,
+                 follow_owner: bool = True) -> None:
         self.ctx, self.slo_aware, self.queue_estimate = ctx, slo_aware, queue_estimate
         self.expand_share_n, self.contract_share_n = expand_share_n, contract_share_n
         self.adaptive_key, self.rebalance_on, self.follow_moves = adaptive_key, rebalance_on, follow_moves
@@ -58,6 +67,8 @@ class DualMapPolicy:
         self.hotness = HotnessTree(window, max_key_blocks, min_hot_count)
         self._placed: OrderedDict[str, tuple[tuple[str, str], str, int]] = OrderedDict()
         self.slo_fallback, self._rng = slo_fallback, ctx.rng()
+        self.follow_owner = follow_owner
+        self.owners = BlockOwners(64 * ctx.cache_blocks)
 
     # ---- the two candidates ------------------------------------------------------------------
     def key(self, request: RouteRequest) -> int:
@@ -65,7 +76,11 @@ class DualMapPolicy:
         hashes = request.block_hashes
         if not hashes:
             return stable_hash("no-full-block", request.request_id)
-        return hashes[(self.hotness.depth(hashes) if self.adaptive_key else 1) - 1]
+        return hashes[self._key_blocks(request) - 1]
+
+    def _key_blocks(self, request: RouteRequest) -> int:
+        """How many leading router blocks make the request's key."""
+        return self.hotness.depth(request.block_hashes) if self.adaptive_key else 1
 
     def candidates(self, request: RouteRequest, names: Sequence[str]) -> tuple[str, str]:
         """The request's two candidate instances among ``names``."""
@@ -79,27 +94,35 @@ class DualMapPolicy:
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         by_name = {c.instance: c for c in candidates}
         pair = self.candidates(request, sorted(by_name))
-        choice = self._choose(request, by_name[pair[0]], by_name[pair[1]])
+        owner = self.owners.owner(request.block_hashes, self._key_blocks(request) + 1) if self.follow_owner else None
+        options = [by_name[n] for n in dict.fromkeys((*pair, owner)) if n in by_name]
+        choice = self._choose(request, options)
         if self.slo_fallback and self.ctx.latency and choice.predicted_ttft_s > self._slo_s(request) > 0:
-            choice = self._fall_back(request, choice, by_name, pair)
+            choice = self._fall_back(request, choice, by_name, tuple(c.instance for c in options))
         self._remember(request, pair, choice.instance, len(by_name))
         return choice
 
-    def _choose(self, request: RouteRequest, a: LoadSnapshot, b: LoadSnapshot) -> Choice:
-        hit_a, hit_b = (self.indexes[c.instance].match(request.block_hashes) for c in (a, b))
-        t_a, t_b = self.predicted_ttft_s(request, a, hit_a), self.predicted_ttft_s(request, b, hit_b)
-        if hit_a == hit_b or a.instance == b.instance:
-            best, t, hit = (a, t_a, hit_a) if (t_a, a.instance) <= (t_b, b.instance) else (b, t_b, hit_b)
-            return Choice(best.instance, "load", t, self._cached(request, hit))
-        (aff, t_aff, h_aff), (oth, t_oth, h_oth) = ((a, t_a, hit_a), (b, t_b, hit_b)) if hit_a > hit_b \
-            else ((b, t_b, hit_b), (a, t_a, hit_a))
+    def _choose(self, request: RouteRequest, options: list[LoadSnapshot]) -> Choice:
+        """Among the candidates (the two hash candidates, and with ``follow_owner`` the instance
+        the request's prefix was last placed on): the longest cached prefix that is predicted to
+        meet the SLO (``affinity``), else the lowest predicted TTFT (``slo_switch``); with equal
+        reuse everywhere, the lowest predicted TTFT (``load``). For two candidates this is the
+        paper's rule (item 3)."""
+        priced = []
+        for c in options:
+            hit = self.indexes[c.instance].match(request.block_hashes)
+            priced.append((-hit, self.predicted_ttft_s(request, c, hit), c.instance, hit))
+        fastest = min(priced, key=lambda p: (p[1], p[2]))
+        if len({p[0] for p in priced}) == 1:
+            return Choice(fastest[2], "load", fastest[1], self._cached(request, fastest[3]))
         slo_s = self._slo_s(request)
-        if self.slo_aware and slo_s and t_aff > slo_s and t_oth < t_aff:
-            return Choice(oth.instance, "slo_switch", t_oth, self._cached(request, h_oth))
-        return Choice(aff.instance, "affinity", t_aff, self._cached(request, h_aff))
+        meeting = [p for p in priced if not (self.slo_aware and slo_s) or p[1] <= slo_s]
+        best = min(meeting) if meeting else fastest
+        reason = "affinity" if best == min(priced) else "slo_switch"
+        return Choice(best[2], reason, best[1], self._cached(request, best[3]))
 
     def _fall_back(self, request: RouteRequest, choice: Choice, by_name: dict[str, LoadSnapshot],
-                   pair: tuple[str, str]) -> Choice:
+                   pair: tuple[str, ...]) -> Choice:
         """``choice``, or the instance of the fallback window with the lowest predicted TTFT below
         it (item 6)."""
         others = [n for n in sorted(by_name) if n not in pair]
@@ -150,6 +173,7 @@ class DualMapPolicy:
         index = self.indexes[chosen]
         self._placed[request.request_id] = (pair, chosen, index.match(request.block_hashes))
         index.insert(request.block_hashes)
+        self.owners.place(request.block_hashes, chosen)
         if len(self._placed) > _REMEMBERED:
             self._placed.popitem(last=False)
 
@@ -204,6 +228,7 @@ class DualMapPolicy:
         if self.follow_moves:
             self.indexes[source].discard(request.block_hashes[first_new:])
             self.indexes[target].insert(request.block_hashes)
+            self.owners.place(request.block_hashes, target)
 
 
 def _violations(q: InstanceQueue, slo_s: Callable[[RouteRequest], float]) -> bool:

@@ -51,3 +51,31 @@ class PrefixIndexes(dict):
     def __missing__(self, instance: str) -> PrefixIndex:
         index = self[instance] = PrefixIndex(self.capacity)
         return index
+
+
+class BlockOwners:
+    """The instance each block hash was last placed on, for the ``capacity`` most recent blocks:
+    where a request's longest known prefix lives, found in one lookup per block whatever the
+    number of instances (DualMap's ``follow_owner``)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._owner: OrderedDict[int, str] = OrderedDict()
+
+    def owner(self, hashes: Sequence[int], min_blocks: int = 1) -> str | None:
+        """The instance of the longest run of leading ``hashes`` placed anywhere, if that run is
+        at least ``min_blocks`` long (None otherwise)."""
+        found, n = None, 0
+        for h in hashes:
+            if h not in self._owner:
+                break
+            found, n = self._owner[h], n + 1
+        return found if n >= min_blocks else None
+
+    def place(self, hashes: Sequence[int], instance: str) -> None:
+        """Record that ``instance`` now holds these blocks (most recent owner wins)."""
+        for h in hashes:
+            self._owner[h] = instance
+            self._owner.move_to_end(h)
+        while len(self._owner) > self.capacity:
+            self._owner.popitem(last=False)
