@@ -153,7 +153,8 @@ def test_dualmap_follows_a_conversation_to_where_its_last_turn_ran(follow_owner,
     assert first.reason == "slo_fallback" and first.instance not in pair
     turn2 = req("turn2", (0, 5, 6, 7, 8, 9, 10, 11, 12), tokens=300, ttft_slo_ms=500)
     second = policy.select(turn2, snaps())
-    assert second.instance == (first.instance if expected == "owner" else min(pair))   # equal: by name
+    assert (second.instance, second.reason) == ((first.instance, "owner") if expected == "owner"
+                                                else (min(pair), "load"))   # equal reuse: by name
     assert second.predicted_ttft_s == pytest.approx(0.108 if expected == "owner" else 0.3)
 
 

@@ -67,7 +67,7 @@ class PolicyContext:
 @dataclass(frozen=True)
 class Choice:
     """A policy's answer: the chosen instance and why (a low-cardinality word for metrics:
-    ``rotation``, ``random``, ``load``, ``affinity``, ``slo_switch``, ``rebalance``, ...)."""
+    ``rotation``, ``random``, ``load``, ``affinity``, ``owner``, ``slo_switch``, ``rebalance``, ...)."""
 
     instance: str
     reason: str

@@ -96,18 +96,18 @@ class DualMapPolicy:
         pair = self.candidates(request, sorted(by_name))
         owner = self.owners.owner(request.block_hashes, self._key_blocks(request) + 1) if self.follow_owner else None
         options = [by_name[n] for n in dict.fromkeys((*pair, owner)) if n in by_name]
-        choice = self._choose(request, options)
+        choice = self._choose(request, options, pair)
         if self.slo_fallback and self.ctx.latency and choice.predicted_ttft_s > self._slo_s(request) > 0:
             choice = self._fall_back(request, choice, by_name, tuple(c.instance for c in options))
         self._remember(request, pair, choice.instance, len(by_name))
         return choice
 
-    def _choose(self, request: RouteRequest, options: list[LoadSnapshot]) -> Choice:
-        """Among the candidates (the two hash candidates, and with ``follow_owner`` the instance
-        the request's prefix was last placed on): the longest cached prefix that is predicted to
-        meet the SLO (``affinity``), else the lowest predicted TTFT (``slo_switch``); with equal
-        reuse everywhere, the lowest predicted TTFT (``load``). For two candidates this is the
-        paper's rule (item 3)."""
+    def _choose(self, request: RouteRequest, options: list[LoadSnapshot], pair: tuple[str, str]) -> Choice:
+        """Among the candidates (the hash ``pair``, and with ``follow_owner`` the instance the
+        request's prefix was last placed on): the longest cached prefix that is predicted to meet
+        the SLO (``affinity``, or ``owner`` when that is the third candidate), else the lowest
+        predicted TTFT (``slo_switch``); with equal reuse everywhere, the lowest predicted TTFT
+        (``load``). For two candidates this is the paper's rule (item 3)."""
         priced = []
         for c in options:
             hit = self.indexes[c.instance].match(request.block_hashes)
@@ -118,7 +118,7 @@ class DualMapPolicy:
         slo_s = self._slo_s(request)
         meeting = [p for p in priced if not (self.slo_aware and slo_s) or p[1] <= slo_s]
         best = min(meeting) if meeting else fastest
-        reason = "affinity" if best == min(priced) else "slo_switch"
+        reason = "slo_switch" if best != min(priced) else "affinity" if best[2] in pair else "owner"
         return Choice(best[2], reason, best[1], self._cached(request, best[3]))
 
     def _fall_back(self, request: RouteRequest, choice: Choice, by_name: dict[str, LoadSnapshot],
