@@ -30,6 +30,20 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving.")
     sub = parser.add_subparsers(required=True)
+    _add_serve(sub)
+    _add_client_commands(sub)
+    stop = sub.add_parser("stop", help="end a deployment's engines and its embedded Ray head")
+    stop.add_argument("--config", help="YAML file (its name and ray_address)")
+    stop.add_argument("--name", help="the deployment's name (default: the config's, pdserve)")
+    stop.set_defaults(func=_stop)
+    add_tool_commands(sub)
+    add_sim_commands(sub)
+    prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
+    prep.set_defaults(func=_prepare)
+    return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="start Ray workers and the gRPC router")
     serve.add_argument("--config", help="YAML file (see deploy/local.yaml)")
     serve.add_argument("--name", help="the deployment's name (default pdserve): a running one is re-attached")
@@ -48,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="colocated: the same number of engines, each serving both phases (the baseline); "
                             "adaptive: kv_both engines, disaggregated per request")
     serve.set_defaults(func=_serve)
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """generate, health and status: the commands that talk to a running router."""
     gen = sub.add_parser("generate", help="stream an answer to the terminal")
     gen.add_argument("text"), gen.add_argument("--target", default="127.0.0.1:50051")
     gen.add_argument("--max-tokens", type=int, default=64), gen.add_argument("--temperature", type=float, default=0.0)
@@ -60,19 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--wait", type=float, default=0.0, help="keep asking for up to this many seconds")
     _add_client_auth(health)
     health.set_defaults(func=_health)
-    stop = sub.add_parser("stop", help="end a deployment's engines and its embedded Ray head")
-    stop.add_argument("--config", help="YAML file (its name and ray_address)")
-    stop.add_argument("--name", help="the deployment's name (default: the config's, pdserve)")
-    stop.set_defaults(func=_stop)
     status = sub.add_parser("status", help="a table of the pools: instances, health, load, cache hits, latency")
     status.add_argument("--target", default="127.0.0.1:50051")
     _add_client_auth(status)
     status.set_defaults(func=_status)
-    add_tool_commands(sub)
-    add_sim_commands(sub)
-    prep = sub.add_parser("prepare-model", help="download and convert the bundled model (idempotent)")
-    prep.set_defaults(func=_prepare)
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -9,10 +9,18 @@ from pdserve.base import config as config_mod
 
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     """Add the measurement subcommands to ``pdserve``'s parser."""
+    for add in (_add_profile, _add_bench, _add_bench_kv, _add_chaos, _add_bench_ab, _add_bench_compare):
+        add(sub)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
     prof = sub.add_parser("profile", help="measure the engine's prefill and decode speed into a JSON profile")
     prof.add_argument("--out", default="deploy/profiles/cpu-smollm2-135m.json")
     prof.add_argument("--model"), prof.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
     prof.set_defaults(func=_profile)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="load-test a running pdserve over its gRPC API")
     bench.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (gRPC) or http://HOST:PORT (OpenAI API)")
     bench.add_argument("--workload", choices=["sharegpt", "azure-code", "azure-conv", "mooncake"], default="sharegpt")
@@ -37,11 +45,17 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--http-target", metavar="http://HOST:PORT",
                        help="with --overheads: also compare the OpenAI HTTP API's TTFT with gRPC's on this deployment")
     bench.set_defaults(func=_bench)
+
+
+def _add_bench_kv(sub: argparse._SubParsersAction) -> None:
     kvb = sub.add_parser("bench-kv", help="every KV transport against raw TCP on loopback (7B-class and this machine's KV)")
     kvb.add_argument("--rounds", type=int, default=5)
     kvb.add_argument("--out", default="docs/results/perf/kv-transports.json")
     kvb.add_argument("--scattered", action="store_true", help="blocks as a cycled cache hands them out (none consecutive)")
     kvb.set_defaults(func=_bench_kv)
+
+
+def _add_chaos(sub: argparse._SubParsersAction) -> None:
     chaos = sub.add_parser("chaos", help="a deployment under load while its parts fail (docs/reliability.md)")
     chaos.add_argument("--config", default="deploy/local.yaml")
     chaos.add_argument("--prefill", type=int, default=2), chaos.add_argument("--decode", type=int, default=2)
@@ -52,6 +66,9 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     chaos.add_argument("--seed", type=int, default=0)
     chaos.add_argument("--out", default="docs/results/reliability/chaos.json")
     chaos.set_defaults(func=_chaos)
+
+
+def _add_bench_ab(sub: argparse._SubParsersAction) -> None:
     ab = sub.add_parser("bench-ab", help="bench --overheads on fresh deployments, alternating one config setting")
     ab.add_argument("--config", default="deploy/local.yaml")
     ab.add_argument("--set", required=True, metavar="KEY=V1,V2", help="e.g. routing.worker_calls=grpc,tcp")
@@ -59,6 +76,9 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     ab.add_argument("--fill", type=int, default=0, help="as bench --overheads --fill")
     ab.add_argument("--out", default="docs/results/perf/worker-calls-ab.json")
     ab.set_defaults(func=_bench_ab)
+
+
+def _add_bench_compare(sub: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("bench-compare", help="plot attainment vs. rate of several bench results")
     cmp_.add_argument("files", nargs="+"), cmp_.add_argument("--out", default="results/bench/compare.png")
     cmp_.add_argument("--slo", action="append", metavar="NAME:TTFT_S:TPOT_S",

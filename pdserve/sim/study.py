@@ -129,11 +129,16 @@ def run_study(name: str, requests: list[TraceRequest], cfg: SimConfig, latency: 
         results["ablation_rps"] = {label: capacity(sim(CANDIDATE, extra), requests, guess)[0] * base_rate
                                    for label, extra in ABLATIONS.items()}
     results["seconds"] = time.perf_counter() - started
+    _save(results, out)
+    return results
+
+
+def _save(results: dict, out: Path) -> None:
+    """results.json, table.md and the plots, in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(results) + "\n")
     plot(results, out)
-    return results
 
 
 def markdown_table(results: dict) -> str:
