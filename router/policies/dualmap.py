@@ -93,12 +93,13 @@ class DualMapPolicy:
     # ---- choosing ----------------------------------------------------------------------------
     def select(self, request: RouteRequest, candidates: Sequence[LoadSnapshot]) -> Choice:
         by_name = {c.instance: c for c in candidates}
-        pair = self.candidates(request, sorted(by_name))
+        names = sorted(by_name)
+        pair = self.candidates(request, names)
         owner = self.owners.owner(request.block_hashes, self._key_blocks(request) + 1) if self.follow_owner else None
         options = [by_name[n] for n in dict.fromkeys((*pair, owner)) if n in by_name]
         choice = self._choose(request, options, pair)
         if self.slo_fallback and self.ctx.latency and choice.predicted_ttft_s > self._slo_s(request) > 0:
-            choice = self._fall_back(request, choice, by_name, tuple(c.instance for c in options))
+            choice = self._fall_back(request, choice, by_name, names, {c.instance for c in options})
         self._remember(request, pair, choice.instance, len(by_name))
         return choice
 
@@ -122,16 +123,18 @@ class DualMapPolicy:
         return Choice(best[2], reason, best[1], self._cached(request, best[3]))
 
     def _fall_back(self, request: RouteRequest, choice: Choice, by_name: dict[str, LoadSnapshot],
-                   pair: tuple[str, ...]) -> Choice:
+                   names: list[str], priced: set[str]) -> Choice:
         """``choice``, or the instance of the fallback window with the lowest predicted TTFT below
-        it (item 6)."""
-        others = [n for n in sorted(by_name) if n not in pair]
+        it (item 7)."""
+        others = [n for n in names if n not in priced]
         start, best = self._rng.randrange(len(others)) if others else 0, choice
+        least_own = self._own_s(request, len(request.block_hashes))  # with every block cached
         for name in (others + others)[start:start + min(self.slo_fallback, len(others))]:
-            if self.wait_s(request, by_name[name]) >= best.predicted_ttft_s:
-                continue  # its queue alone is longer: no cached prefix can make it better
+            wait = self.wait_s(request, by_name[name])
+            if wait + least_own >= best.predicted_ttft_s:
+                continue  # not better even with its whole prompt cached there
             hit = self.indexes[name].match(request.block_hashes)
-            t = self.predicted_ttft_s(request, by_name[name], hit)
+            t = wait + self._own_s(request, hit)
             if t < best.predicted_ttft_s:
                 best = Choice(name, "slo_fallback", t, self._cached(request, hit))
         return best
@@ -157,7 +160,7 @@ class DualMapPolicy:
 
     def _own_s(self, request: RouteRequest, hit_blocks: int) -> float:
         """The request's own prefill after ``hit_blocks`` cached blocks (uncached tokens if no model)."""
-        cached = self._cached(request, hit_blocks)
+        cached = min(hit_blocks * self.ctx.block_size, max(request.num_tokens - 1, 0))  # cached_tokens, inlined
         model = self.ctx.latency
         return model.prefill_s(request.num_tokens - cached, cached) if model else float(request.num_tokens - cached)
 

@@ -6,6 +6,7 @@ about 1/N of all keys, never a global reshuffle.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from typing import Iterable
 
@@ -16,6 +17,13 @@ def stable_hash(*parts: object, seed: int = 0) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+@functools.lru_cache(maxsize=65536)
+def _point(key: int, seed: int) -> int:
+    """Where a key falls on a ring (``stable_hash``, remembered: a router sees the same keys, a
+    conversation's and a shared prompt's, again and again)."""
+    return stable_hash(key, seed=seed)
+
+
 class HashRing:
     """A ring of ``vnodes`` points per member; ``seed`` makes independent rings."""
 
@@ -23,10 +31,15 @@ class HashRing:
         self.vnodes, self.seed = vnodes, seed
         self._points: list[tuple[int, str]] = []
         self.members: set[str] = set()
+        self._last: tuple[str, ...] = ()
         self.sync(members)
 
     def sync(self, members: Iterable[str]) -> None:
-        """Make the ring's members exactly ``members`` (adds and removes only the difference)."""
+        """Make the ring's members exactly ``members`` (adds and removes only the difference).
+        Called on every routing decision: the same sequence as last time returns at once."""
+        if isinstance(members, (list, tuple)) and tuple(members) == self._last:
+            return
+        self._last = tuple(members) if isinstance(members, (list, tuple)) else ()
         wanted = set(members)
         if wanted == self.members:
             return
@@ -39,7 +52,7 @@ class HashRing:
         """The member owning ``key`` (the first point clockwise), skipping ``exclude``."""
         if not self._points:
             raise LookupError("empty hash ring")
-        h = stable_hash(key, seed=self.seed)
+        h = _point(key, self.seed)
         i = bisect.bisect_left(self._points, (h, ""))
         for step in range(len(self._points)):
             member = self._points[(i + step) % len(self._points)][1]

@@ -46,12 +46,16 @@ class HotnessTree:
         return self._counts[prefix] / max(len(self._window), 1)
 
     def _update(self, path: Sequence[int], expand_share: float, contract_share: float) -> None:
+        # counts against thresholds scaled by the window (share() inlined: called per block of
+        # every request, it was a sixth of a DualMap decision)
+        size, counts, expanded = max(len(self._window), 1), self._counts, self.expanded
+        expand_at, contract_at = expand_share * size, contract_share * size
         for prefix in path[:-1]:  # a prompt's last block has nothing below it to expand into
-            count, share = self._counts[prefix], self.share(prefix)
-            if prefix in self.expanded:
-                if share < contract_share:
-                    self.expanded.discard(prefix)
-            elif count >= self.min_count and share > expand_share:
-                self.expanded.add(prefix)
+            count = counts[prefix]
+            if prefix in expanded:
+                if count < contract_at:
+                    expanded.discard(prefix)
+            elif count >= self.min_count and count > expand_at:
+                expanded.add(prefix)
             if count <= 0:
-                del self._counts[prefix]
+                del counts[prefix]
