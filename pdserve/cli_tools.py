@@ -111,10 +111,12 @@ def _bench_kv(args: argparse.Namespace) -> int:
     from pdserve.bench import kv
 
     result = kv.run(Path(args.out), args.rounds, args.scattered)
-    print(f"{'model':>16} {'transport':>10} {'tokens':>7} {'MB':>7} {'ms':>9} {'GB/s':>6} {'of raw TCP':>10}")
+    print(f"{'model':>16} {'transport':>10} {'tokens':>7} {'MB':>7} {'ms':>9} {'GB/s':>6} {'of raw TCP':>10} "
+          f"{'of raw gloo':>11}")
     for row in result["rows"]:
+        gloo = f"{row['fraction_of_raw_gloo']:>11.2f}" if "fraction_of_raw_gloo" in row else ""
         print(f"{row['model'].split()[0]:>16} {row['transport']:>10} {row['prompt_tokens']:>7} {row['bytes'] / 1e6:>7.0f} {row['median_ms']:>9.1f} "
-              f"{row['gb_s']:>6.2f} {row['fraction_of_raw_tcp']:>10.2f}")
+              f"{row['gb_s']:>6.2f} {row['fraction_of_raw_tcp']:>10.2f} {gloo}")
     print(f"wrote {args.out}")
     return 0
 

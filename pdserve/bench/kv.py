@@ -5,7 +5,8 @@ a sender process holds the KV cache in vLLM's CPU layout ([blocks, kv heads, blo
 size] per layer, bf16) and serves it with every transport; this process pulls prompts of several
 lengths into its own cache with each, round-robin, and also receives the same bytes over a plain
 TCP connection (one ``sendall`` of a preallocated buffer into one ``recv_into``), the ceiling of
-any transport on this host. Times include connecting, the checks before the first byte, the
+any transport on this host, and over a two-rank gloo group (one ``send`` of a preallocated tensor
+into one ``recv``), the ceiling of the ``gloo`` transport. Times include connecting, the checks before the first byte, the
 checksum, and the release. The medians of ``rounds`` rounds are written as JSON. With
 ``scattered``, both sides hold their blocks in the order a cycled vLLM cache hands them out (freed
 last first: no two consecutive), one piece per block and layer, where a fresh cache gives one run.
@@ -86,14 +87,40 @@ def _sender(conn: Any, shape: KvShape, num_blocks: int, scattered: bool) -> None
     raw = socket.create_server(("127.0.0.1", 0))
     ports["raw"] = raw.getsockname()[1]
     threading.Thread(target=_raw_server, args=(raw, layout.block_bytes() * num_blocks), daemon=True).start()
+    store = _gloo_store(is_master=True)
+    ports["raw_gloo"] = store.port
     conn.send(ports)
+    group, raw_tensor = _gloo_group(store, 0), torch.zeros(layout.block_bytes() * num_blocks, dtype=torch.uint8)
     while True:
         msg = conn.recv()
         if msg is None:
             return
+        if msg[0] == "raw_gloo":  # one send of the same byte count, as the ceiling of the gloo transport
+            group.send([raw_tensor[:msg[1]]], 1, msg[2]).wait()
+            continue
         rid, blocks = msg
         held.hold(rid, block_ids(blocks, scattered), secret="bench")
         conn.send(True)
+
+
+def _gloo_store(is_master: bool, port: int = 0) -> Any:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", port, 2, is_master, timedelta(seconds=120), wait_for_workers=False)
+
+
+def _gloo_group(store: Any, rank: int) -> Any:
+    """The raw gloo reference's two-rank group (rank 0 sends, rank 1 receives), on loopback."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=120)
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    return dist.ProcessGroupGloo(dist.PrefixStore("bench-raw", store), rank, 2, options)
 
 
 def _raw_server(listener: socket.socket, nbytes: int) -> None:
@@ -143,14 +170,22 @@ def _measure(shape: KvShape, rounds: int, scattered: bool) -> list[dict]:
     proc.start()
     try:
         ports = parent.recv()
-        times: dict[str, dict[int, list[float]]] = {n: {p: [] for p in shape.prompts} for n in (*TRANSPORTS, "raw_tcp")}
+        group = _gloo_group(_gloo_store(False, ports["raw_gloo"]), 1)
+        names = (*TRANSPORTS, "raw_tcp", "raw_gloo")
+        times: dict[str, dict[int, list[float]]] = {n: {p: [] for p in shape.prompts} for n in names}
         raw_buf = memoryview(bytearray(num_blocks * layout.block_bytes()))
+        raw_tensor = torch.zeros(num_blocks * layout.block_bytes(), dtype=torch.uint8)
         for r in range(rounds):
             for tokens in shape.prompts:
                 _round(shape, layout, parent, ports, tokens, r, times, scattered)
+                nbytes = shape.blocks(tokens) * layout.block_bytes()
                 start = time.perf_counter()
-                _raw_pull(ports["raw"], raw_buf[:shape.blocks(tokens) * layout.block_bytes()])
+                _raw_pull(ports["raw"], raw_buf[:nbytes])
                 times["raw_tcp"][tokens].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                parent.send(("raw_gloo", nbytes, r * len(shape.prompts) + shape.prompts.index(tokens)))
+                group.recv([raw_tensor[:nbytes]], 0, r * len(shape.prompts) + shape.prompts.index(tokens)).wait()
+                times["raw_gloo"][tokens].append(time.perf_counter() - start)
         parent.send(None)
     finally:
         proc.join(10)
@@ -184,9 +219,13 @@ def _rows(shape: KvShape, times: dict[str, dict[int, list[float]]], block_bytes:
     for tokens in shape.prompts:
         nbytes = shape.blocks(tokens) * block_bytes
         raw_ms = statistics.median(times["raw_tcp"][tokens]) * 1e3
+        raw_gloo_ms = statistics.median(times["raw_gloo"][tokens]) * 1e3
         for name, by_len in times.items():
             ms = statistics.median(by_len[tokens]) * 1e3
-            rows.append({"model": shape.model, "transport": name, "prompt_tokens": tokens, "bytes": nbytes,
-                         "median_ms": round(ms, 2), "gb_s": round(nbytes / ms / 1e6, 3),
-                         "fraction_of_raw_tcp": round(raw_ms / ms, 3)})
+            row = {"model": shape.model, "transport": name, "prompt_tokens": tokens, "bytes": nbytes,
+                   "median_ms": round(ms, 2), "gb_s": round(nbytes / ms / 1e6, 3),
+                   "fraction_of_raw_tcp": round(raw_ms / ms, 3)}
+            if name in ("gloo", "raw_gloo"):
+                row["fraction_of_raw_gloo"] = round(raw_gloo_ms / ms, 3)
+            rows.append(row)
     return rows
