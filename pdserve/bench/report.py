@@ -189,6 +189,7 @@ def _overhead_row(client: PdServeClient, n: int, ids: list[int]) -> dict:
     t = final.timings  # router-side TTFT: arrival to first token sent
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     return {"prompt_tokens": n, "router_added_ms": t.ttft_ms - t.prefill_ms,
+            "client_ttft_ms": (stamps[0] - start) * 1e3, "prefill_ms": t.prefill_ms,
             "client_e2e_ms": (time.perf_counter() - start) * 1e3, "kv_transfer_ms": t.kv_transfer_ms,
             "kv_transfer_bytes": t.kv_transfer_bytes,
             "first_to_second_token_ms": (stamps[1] - stamps[0]) * 1e3,
