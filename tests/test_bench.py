@@ -202,3 +202,19 @@ def test_bench_ab_pools_each_length_over_its_runs():
             "transport_mib_s": 1000 / 3, "raw_tcp_mib_s": 1000.0, "transport_fraction_of_raw": 1 / 3,
             "router_added_ms_median": 1.0, "first_to_second_token_ms_median": 43.0, "decode_step_ms_median": 30.0})
     assert summary["requests"] == 3 * len(ab_run.LENGTHS)
+
+
+def test_bench_kv_rows_give_gloo_its_fraction_of_raw_gloo_and_every_row_its_fraction_of_raw_tcp():
+    """``pdserve bench-kv``'s rows: medians per transport; each against raw TCP, and the gloo
+    transport also against the raw gloo send/recv of the same bytes."""
+    from pdserve.bench.kv import KvShape, _rows
+
+    shape = KvShape("m", 2, 1, 4, 16, (16,))
+    times = {"tcp": {16: [0.004, 0.002, 0.003]}, "gloo": {16: [0.008, 0.008]}, "grpc": {16: [0.012]},
+             "raw_tcp": {16: [0.002, 0.002]}, "raw_gloo": {16: [0.004]}}
+    rows = {r["transport"]: r for r in _rows(shape, times, 8_000_000)}
+    assert {n: r["fraction_of_raw_tcp"] for n, r in rows.items()} == {
+        "tcp": 0.667, "gloo": 0.25, "grpc": 0.167, "raw_tcp": 1.0, "raw_gloo": 0.5}
+    assert {n: r.get("fraction_of_raw_gloo") for n, r in rows.items()} == {
+        "tcp": None, "gloo": 0.5, "grpc": None, "raw_tcp": None, "raw_gloo": 1.0}
+    assert rows["tcp"]["median_ms"] == 3.0 and rows["gloo"]["gb_s"] == 1.0   # 8 MB in 8 ms
