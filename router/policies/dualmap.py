@@ -160,7 +160,7 @@ class DualMapPolicy:
 
     def _own_s(self, request: RouteRequest, hit_blocks: int) -> float:
         """The request's own prefill after ``hit_blocks`` cached blocks (uncached tokens if no model)."""
-        cached = min(hit_blocks * self.ctx.block_size, max(request.num_tokens - 1, 0))  # cached_tokens, inlined
+        cached = self._cached(request, hit_blocks)
         model = self.ctx.latency
         return model.prefill_s(request.num_tokens - cached, cached) if model else float(request.num_tokens - cached)
 

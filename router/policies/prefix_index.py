@@ -5,7 +5,7 @@ prefix is the run of its leading block hashes present in the set."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 
 class PrefixIndex:
@@ -13,7 +13,7 @@ class PrefixIndex:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._blocks: OrderedDict[int, Any] = OrderedDict()
 
     def match(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of ``hashes`` are held."""
@@ -26,8 +26,11 @@ class PrefixIndex:
 
     def insert(self, hashes: Sequence[int]) -> None:
         """Record that the instance now holds these blocks (most recently used)."""
+        self._put(hashes, None)
+
+    def _put(self, hashes: Sequence[int], value: Any) -> None:
         for h in hashes:
-            self._blocks[h] = None
+            self._blocks[h] = value
             self._blocks.move_to_end(h)
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
@@ -53,29 +56,18 @@ class PrefixIndexes(dict):
         return index
 
 
-class BlockOwners:
+class BlockOwners(PrefixIndex):
     """The instance each block hash was last placed on, for the ``capacity`` most recent blocks:
     where a request's longest known prefix lives, found in one lookup per block whatever the
-    number of instances (DualMap's ``follow_owner``)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._owner: OrderedDict[int, str] = OrderedDict()
+    number of instances (DualMap's ``follow_owner``). A ``PrefixIndex`` whose entries name their
+    instance."""
 
     def owner(self, hashes: Sequence[int], min_blocks: int = 1) -> str | None:
         """The instance of the longest run of leading ``hashes`` placed anywhere, if that run is
-        at least ``min_blocks`` long (None otherwise)."""
-        found, n = None, 0
-        for h in hashes:
-            if h not in self._owner:
-                break
-            found, n = self._owner[h], n + 1
-        return found if n >= min_blocks else None
+        at least ``min_blocks`` (>= 1) long (None otherwise)."""
+        n = self.match(hashes)
+        return self._blocks[hashes[n - 1]] if n and n >= min_blocks else None
 
     def place(self, hashes: Sequence[int], instance: str) -> None:
         """Record that ``instance`` now holds these blocks (most recent owner wins)."""
-        for h in hashes:
-            self._owner[h] = instance
-            self._owner.move_to_end(h)
-        while len(self._owner) > self.capacity:
-            self._owner.popitem(last=False)
+        self._put(hashes, instance)
