@@ -292,3 +292,14 @@ def test_latency_model_fit_recovers_coefficients():
     assert model.prefill == pytest.approx((0.02, 1e-4, 2e-8), rel=1e-6)
     assert model.decode == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
     assert model.prefill_s(0) == 0.0 and model.decode_step_s(1, 0) == pytest.approx(0.012)
+
+
+def test_a_hash_ring_synced_to_no_members_after_a_generator_is_empty():
+    """``sync`` skips work for the sequence it saw last; an empty list after a generator is not
+    that sequence."""
+    ring = HashRing(vnodes=4)
+    ring.sync(n for n in NAMES)
+    ring.sync([])
+    assert ring.members == set()
+    with pytest.raises(LookupError):
+        ring.lookup(1)

@@ -37,9 +37,10 @@ class HashRing:
     def sync(self, members: Iterable[str]) -> None:
         """Make the ring's members exactly ``members`` (adds and removes only the difference).
         Called on every routing decision: the same sequence as last time returns at once."""
-        if isinstance(members, (list, tuple)) and tuple(members) == self._last:
+        last = tuple(members) if isinstance(members, (list, tuple)) else ()
+        if last and last == self._last:
             return
-        self._last = tuple(members) if isinstance(members, (list, tuple)) else ()
+        self._last = last
         wanted = set(members)
         if wanted == self.members:
             return
