@@ -264,15 +264,20 @@ def _send_pieces(layout: KvLayout, group: dist.ProcessGroup, tag: int, blocks: l
 
 def _group(store: dist.Store, rank: int, host: str, layout: KvLayout, timeout: timedelta) -> dist.ProcessGroup:
     """A two-rank group on ``store``: NCCL for CUDA caches, gloo (bound to ``host``) otherwise."""
-    prefixed = dist.PrefixStore("pdserve-kv", store)
     if layout.device.type == "cuda":  # pragma: no cover - GPU machines only
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+        return dist.ProcessGroupNCCL(dist.PrefixStore("pdserve-kv", store), rank, 2, options)
+    return cpu_group(store, rank, host, timeout)
+
+
+def cpu_group(store: dist.Store, rank: int, host: str, timeout: timedelta) -> dist.ProcessGroup:
+    """A two-rank gloo group on ``store``, bound to ``host`` (also ``pdserve bench-kv``'s raw gloo
+    reference)."""
     options = dist.ProcessGroupGloo._Options()
     options._timeout = timeout
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    return dist.ProcessGroupGloo(prefixed, rank, 2, options)
+    return dist.ProcessGroupGloo(dist.PrefixStore("pdserve-kv", store), rank, 2, options)
 
 
 TRANSPORT = GlooTransport()

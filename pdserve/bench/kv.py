@@ -115,12 +115,9 @@ def _gloo_group(store: Any, rank: int) -> Any:
     """The raw gloo reference's two-rank group (rank 0 sends, rank 1 receives), on loopback."""
     from datetime import timedelta
 
-    import torch.distributed as dist
+    from kv_transfer.transports.gloo import cpu_group
 
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = timedelta(seconds=120)
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    return dist.ProcessGroupGloo(dist.PrefixStore("bench-raw", store), rank, 2, options)
+    return cpu_group(store, rank, "127.0.0.1", timedelta(seconds=120))
 
 
 def _raw_server(listener: socket.socket, nbytes: int) -> None:
@@ -182,9 +179,9 @@ def _measure(shape: KvShape, rounds: int, scattered: bool) -> list[dict]:
                 start = time.perf_counter()
                 _raw_pull(ports["raw"], raw_buf[:nbytes])
                 times["raw_tcp"][tokens].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                parent.send(("raw_gloo", nbytes, r * len(shape.prompts) + shape.prompts.index(tokens)))
-                group.recv([raw_tensor[:nbytes]], 0, r * len(shape.prompts) + shape.prompts.index(tokens)).wait()
+                tag, start = r * len(shape.prompts) + shape.prompts.index(tokens), time.perf_counter()
+                parent.send(("raw_gloo", nbytes, tag))
+                group.recv([raw_tensor[:nbytes]], 0, tag).wait()
                 times["raw_gloo"][tokens].append(time.perf_counter() - start)
         parent.send(None)
     finally:
