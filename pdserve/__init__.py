@@ -9,6 +9,6 @@
 - ``pdserve.client``, ``pdserve.sim``, ``pdserve.bench``: the gRPC client, the simulators and the
   benchmarks (tools over the router's policies and the client).
 - The composition root, the other modules of this package (``cli``, ``launch``, ``cluster``,
-  ``ray_head``, ``model``, ``profile``, ``chaos``, ``ab_run``): builds and runs everything; nothing
+  ``ray_head``, ``model``, ``profile``, ``contention``, ``chaos``, ``ab_run``): builds and runs everything; nothing
   imports it.
 """

@@ -67,6 +67,8 @@ def _add_sim_check(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--profile", default="cpu-smollm2-135m")
     check.add_argument("--max-batch", type=int, default=32, help="the engines' max_num_seqs")
     check.add_argument("--max-pass-prompts", type=int, default=8, help="the router's admission.max_engine_prompts")
+    check.add_argument("--no-contention", action="store_true",
+                       help="ignore the profile's contention section: every engine as if alone on the host")
     check.add_argument("--out", help="write the comparison JSON here (and .md beside it)")
     check.set_defaults(func=_sim_check)
 
@@ -137,8 +139,10 @@ def _sim_check(args: argparse.Namespace) -> int:
     colocated = args.mode == "colocated"
     placement = Placement(args.prefill + args.decode if colocated else args.prefill, 0 if colocated else args.decode,
                           colocated=colocated)
+    contention = None if args.no_contention else plan.load_contention(args.profile)
     cfg = ServingConfig(1.0, 1.0, max_batch=args.max_batch, max_pass_prompts=args.max_pass_prompts,
-                        colocated_schedule="mixed", horizon_s=float("inf"), warmup_share=0.0, **facts)
+                        colocated_schedule="mixed", horizon_s=float("inf"), warmup_share=0.0, contention=contention,
+                        **facts)
     report = check.compare(Path(args.bench), placement, engines[1], cfg)
     table = check.markdown(report)
     if args.out:

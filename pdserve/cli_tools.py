@@ -17,6 +17,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     prof = sub.add_parser("profile", help="measure the engine's prefill and decode speed into a JSON profile")
     prof.add_argument("--out", default="deploy/profiles/cpu-smollm2-135m.json")
     prof.add_argument("--model"), prof.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
+    prof.add_argument("--contention", action="store_true",
+                      help="also measure how a second engine on the other core slows this one (sim-check uses it; "
+                           "about 2 minutes more)")
     prof.set_defaults(func=_profile)
 
 
@@ -128,7 +131,7 @@ def _profile(args: argparse.Namespace) -> int:
     from pdserve.model import resolve_model
 
     cfg = config_mod.load(None, {"engine": {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}})
-    result = profile.run(cfg.engine, resolve_model(cfg.engine.model), Path(args.out))
+    result = profile.run(cfg.engine, resolve_model(cfg.engine.model), Path(args.out), args.contention)
     print(f"wrote {args.out}: prefill {result['fit']['prefill']}, decode {result['fit']['decode']}")
     return 0
 

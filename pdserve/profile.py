@@ -25,8 +25,10 @@ DECODE_STEPS = 24
 REPEATS = 3
 
 
-async def measure(cfg: EngineConfig, model: str) -> dict:
-    """Profile points of one engine built from ``cfg``."""
+async def measure(cfg: EngineConfig, model: str, contention: bool = False) -> dict:
+    """Profile points of one engine built from ``cfg``; with ``contention``, also its slowdown
+    beside a second engine on the other core (``pdserve.contention``)."""
+    from pdserve import contention as contention_mod
     from pdserve.engine.host import EngineHost
 
     host = EngineHost(cfg, model, "colocated")
@@ -34,9 +36,10 @@ async def measure(cfg: EngineConfig, model: str) -> dict:
         prefill = [(n, await _prefill_s(host, n)) for n in PREFILL_TOKENS if n < cfg.max_model_len]
         decode = [(b, c, await _decode_step_s(host, b, c)) for c in DECODE_CONTEXTS for b in DECODE_BATCHES
                   if c + DECODE_STEPS < cfg.max_model_len]
+        shared = {"contention": await contention_mod.measure(host, cfg, model)} if contention else {}
     finally:
         host.shutdown()
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, **shared}
 
 
 async def _prefill_s(host, tokens: int) -> float:
@@ -65,10 +68,10 @@ async def _decode_step_s(host, batch: int, context: int) -> float:
     return statistics.median(gaps)
 
 
-def run(cfg: EngineConfig, model: str, out: Path) -> dict:
+def run(cfg: EngineConfig, model: str, out: Path, contention: bool = False) -> dict:
     """Measure and write the profile JSON to ``out``; returns it."""
     env.apply(env.worker_process_env(0, cfg.kv_cache_gib))
-    points = asyncio.run(measure(cfg, model))
+    points = asyncio.run(measure(cfg, model, contention))
     profile = {
         "origin": f"measured by `pdserve profile` on a {env.cpu_count()}-core {platform.machine()} CPU: vLLM {_vllm_version()} "
                   f"CPU backend, {Path(model).name}, {cfg.dtype}, 1 core / 1 thread, eager, block {cfg.block_size}",

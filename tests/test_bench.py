@@ -152,6 +152,9 @@ def test_short_real_run_writes_a_well_formed_results_file(router, tmp_path, api)
     assert data["label"] == "test" and [s["name"] for s in data["slos"]] == ["tight", "loose"]
     assert run["summary"]["requests"] == 4 and run["summary"]["succeeded"] == 4
     assert all(r["ok"] and r["ttft_s"] > 0 and r["output_tokens"] >= 1 for r in run["requests"])
+    # the router's own account of each request, over either API: its queue and prefill call fit in the client's TTFT
+    assert all(0 <= r["queue_ms"] and 0 < r["prefill_ms"] and (r["queue_ms"] + r["prefill_ms"]) / 1e3 < r["ttft_s"]
+               for r in run["requests"])
     assert set(data["max_goodput_rps"]) == {"tight", "loose"}
     assert out.with_suffix(".cdf.png").stat().st_size > 1000
     report.compare([out, out], tmp_path / "cmp.png")

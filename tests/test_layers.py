@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOT_MODULES = {"cli", "cli_sim", "cli_tools", "launch", "cluster", "ray_head", "model", "profile", "chaos",
-                "chaos_run", "ab_run"}
+ROOT_MODULES = {"cli", "cli_sim", "cli_tools", "launch", "cluster", "ray_head", "model", "profile", "contention",
+                "chaos", "chaos_run", "ab_run"}
 MAY_USE = {
     "base": set(),
     "protos": set(),

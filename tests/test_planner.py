@@ -4,11 +4,14 @@ replay of a recorded bench run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pdserve.base import config as config_mod
 from pdserve.sim import check, plan
+from pdserve.contention import Neighbour
+from pdserve.sim.host import Contention
 from pdserve.sim.serving import EngineSpec, Placement, ServingConfig, ServingSim
 from pdserve.sim.traces import TraceRequest
 from router.latency import LatencyModel
@@ -118,6 +121,25 @@ def test_sim_check_replays_the_bench_arrivals(tmp_path):
     assert ttft == pytest.approx({"live": 0.3, "sim": 0.2})   # one request, an idle 100-token pass
     assert report["runs"][0]["tpot_s"]["p50"]["sim"] == pytest.approx(0.011)
     assert "0.67x" in check.markdown(report)
+    assert "router queue" not in check.markdown(report)  # recorded before the bench kept the router's account
+
+
+def test_sim_check_splits_the_ttft_where_the_router_accounted_for_it(tmp_path):
+    """Live: 300 ms = 20 ms queued at the router + a 250 ms prefill call + 30 ms of hops; the
+    profile's idle 100-token pass is 200 ms, so the call took 1.25x it; the simulator's single
+    request waits 0 and passes in 200 ms."""
+    rows = [{"ok": True, "ttft_s": 0.3, "tpot_s": 0.02, "prompt_tokens": 100, "output_tokens": 3,
+             "queue_ms": 20.0, "prefill_ms": 250.0}]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"arrival": "poisson", "seed": 0, "runs": [{"setting": 1.0, "rate_rps": 1.0,
+                                                                            "requests": rows}]}))
+    cfg = ServingConfig(1.0, 1.0, kv_bandwidth_bps=1e18, horizon_s=float("inf"), warmup_share=0.0)
+    report = check.compare(path, Placement(1, 1), EngineSpec(MODEL, 10_000), cfg)
+    parts = report["runs"][0]["ttft_parts_ms"]
+    assert parts["live"] == pytest.approx({"router_queue": 20.0, "prefill_call": 250.0, "hops": 30.0})
+    assert parts["sim"] == pytest.approx({"wait": 0.0, "pass": 200.0})
+    assert parts["prefill_call_vs_profile"] == pytest.approx(1.25)
+    assert "| 1.00 | 20.0 | 250 | 30.0 | 0.0 | 200 | 1.25x |" in check.markdown(report)
 
 
 def test_profile_fit_keeps_short_prompts_accurate():
@@ -131,3 +153,84 @@ def test_profile_fit_keeps_short_prompts_accurate():
     fitted = LatencyModel.fit(points, decode, "test")
     for n in (32, 64, 128):
         assert fitted.prefill_s(n, 0) == pytest.approx(true.prefill_s(n, 0), rel=0.02)
+
+
+SHARED = Contention(neighbour_decode_batches=(1, 4, 16), prefill_vs_decoding=(1.1, 1.3, 1.5),
+                    decode_vs_decoding=(1.05, 1.1, 1.2), prefill_vs_prefilling=1.6, decode_vs_prefilling=1.4)
+
+
+@pytest.mark.parametrize("prefill,neighbour_prefilling,batch,factor", [
+    (True, False, 0, 1.0),            # an idle neighbour costs nothing
+    (True, False, 1, 1.1),
+    (True, False, 2, 1.1 + 0.2 / 3),  # between measured batches: linear
+    (False, False, 4, 1.1),
+    (False, False, 40, 1.2),          # past the last batch measured: flat
+    (True, True, 3, 1.6),             # a prefilling neighbour, whatever it decodes
+    (False, True, 0, 1.4),
+])
+def test_contention_slowdown_per_neighbour_load(prefill, neighbour_prefilling, batch, factor):
+    assert SHARED.slowdown(prefill, neighbour_prefilling, batch) == pytest.approx(factor)
+
+
+@pytest.mark.parametrize("batches,prefill,decode", [((1, 4), (1.1,), (1.0, 1.1)), ((4, 1), (1.0, 1.1), (1.0, 1.1)),
+                                                    ((), (), ()), ((0, 4), (1.0, 1.1), (1.0, 1.1))])
+def test_contention_refuses_a_malformed_section(batches, prefill, decode):
+    with pytest.raises(ValueError):
+        Contention(batches, prefill, decode, 1.5, 1.5)
+
+
+def test_a_pass_beside_a_busy_engine_is_slowed_by_the_measured_factor():
+    """A (t=0, 100 tokens) decodes 49 steps from 0.2 s; B (t=0.5, 100 tokens) prefills beside that
+    batch of 1: its idle 0.2 s pass takes 1.1x. A's steps beside B's prefill take 1.4x, so A's TPOT
+    grows; with the engines apart, neither changes."""
+    requests = [(0.0, 100, 50), (0.5, 100, 1)]
+    apart, shared = run(MODEL, requests), run(MODEL, requests, contention=SHARED)
+    assert apart.ttft_s == pytest.approx([0.2, 0.2]) and shared.ttft_s == pytest.approx([0.2, 0.22])
+    assert shared.tpot_s[0] > apart.tpot_s[0] == pytest.approx(0.011)
+
+
+@pytest.mark.parametrize("script,answers", [
+    ("import sys; print('log line\\nready', flush=True); sys.stdin.readline(); print('ready', flush=True)", True),
+    ("import time; print('log line', flush=True); time.sleep(60)", False),   # never ready: a bounded wait
+    ("print('starting'); raise SystemExit(3)", False),                        # died before ready
+])
+def test_the_contention_neighbour_is_waited_for_within_its_bound(script, answers):
+    import sys
+    import time
+
+    start = time.monotonic()
+    if answers:
+        neighbour = Neighbour([sys.executable, "-c", script], timeout_s=20)
+        neighbour.switch("decode 4")
+        neighbour.close()
+    else:
+        with pytest.raises(RuntimeError, match="did not answer"):
+            Neighbour([sys.executable, "-c", script], timeout_s=2)
+    assert time.monotonic() - start < 15
+
+
+def test_closing_the_contention_neighbour_ends_what_it_started(tmp_path):
+    """A neighbour that leaves a child behind when it exits (as a killed engine host leaves its
+    engine core): closing it ends the child too."""
+    import sys
+    import time
+
+    pid_file = tmp_path / "child"
+    script = (f"import subprocess, sys; c = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('ready', flush=True); sys.stdin.readline()")
+    neighbour = Neighbour([sys.executable, "-c", script], timeout_s=20)
+    child = Path(f"/proc/{pid_file.read_text()}/stat")
+    assert _alive(child)
+    neighbour.close()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert neighbour.proc.returncode is not None and not _alive(child)
+
+
+def _alive(stat: Path) -> bool:
+    """Whether the process of ``/proc/PID/stat`` runs (gone, or dead awaiting its reaper: no)."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -36,7 +36,7 @@ class HttpDriver:
             path, body["messages"] = "chat/completions", [{"role": r, "content": c} for r, c in req.messages]
         else:
             path, body["prompt"] = "completions", list(req.token_ids or ())
-        start, stamps, usage = time.perf_counter(), [], None
+        start, stamps, usage, timings = time.perf_counter(), [], None, {}
         try:
             async with self.client.stream("POST", f"{self.base}/v1/{path}", json=body, timeout=timeout_s) as r:
                 if r.status_code != 200:
@@ -48,10 +48,12 @@ class HttpDriver:
                     chunk = json.loads(line[6:])
                     stamps += [time.perf_counter()] * chunk.get("pdserve", {}).get("tokens", 0)
                     usage = chunk.get("usage") or usage
+                    timings = chunk.get("pdserve", {}).get("timings") or timings
         except httpx.HTTPError as err:
             return RequestTiming(ok=False, error=f"{type(err).__name__}: {err}")
         end = time.perf_counter()
         tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
         return RequestTiming(ok=usage is not None, ttft_s=stamps[0] - start if stamps else None, tpot_s=tpot,
                              e2e_s=end - start, prompt_tokens=usage["prompt_tokens"] if usage else 0,
-                             output_tokens=len(stamps))
+                             output_tokens=len(stamps), queue_ms=timings.get("queue_ms"),
+                             prefill_ms=timings.get("prefill_ms"))

@@ -122,7 +122,8 @@ async def _grpc_one(stub: pb_grpc.PdServeStub, req: BenchRequest, timeout_s: flo
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
     return RequestTiming(ok=final is not None, ttft_s=stamps[0] - start if stamps else None, tpot_s=tpot,
                          e2e_s=end - start, prompt_tokens=final.usage.prompt_tokens if final else 0,
-                         output_tokens=len(stamps))
+                         output_tokens=len(stamps), queue_ms=final.timings.queue_ms if final else None,
+                         prefill_ms=final.timings.prefill_ms if final else None)
 
 
 class _Progress:

@@ -20,6 +20,10 @@ class RequestTiming:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
+    queue_ms: float | None = None
+    """The router's own account (its final message): arrival until the prefill call started."""
+    prefill_ms: float | None = None
+    """The prefill call on the prefill engine, the engine's own wait for a pass included."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pdserve.base.types import LoadSnapshot
+from pdserve.sim.host import Contention
 from pdserve.sim.traces import TraceRequest
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, LatencyModel
 
@@ -52,6 +53,9 @@ class ServingConfig:
     """Leading share of a run's requests not scored."""
     seed: int = 0
     """Seed of the decode policy's random choices."""
+    contention: Contention | None = None
+    """How instances sharing one host's cores slow each other (``pdserve.sim.host``); None: each
+    instance has a device of its own (GPU profiles, or one machine per engine)."""
 
     def __post_init__(self) -> None:
         if min(self.max_batch_tokens, self.max_pass_prompts, self.max_batch, self.kv_bandwidth_bps) <= 0:

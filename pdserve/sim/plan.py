@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pdserve.sim.host import Contention
 from pdserve.sim.serving import EngineSpec, Placement, ServingConfig, ServingSim
 from pdserve.sim.study import capacity, percentile
 from pdserve.sim.traces import TraceRequest
@@ -32,6 +33,13 @@ def load_engines(profile: str, tps: Sequence[int]) -> tuple[dict[int, EngineSpec
         facts = {"kv_bytes_per_token": int(data.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN)),
                  "kv_bandwidth_bps": float(data.get("kv_bandwidth_bps", DEFAULT_KV_BANDWIDTH_BPS))}
     return engines, facts
+
+
+def load_contention(profile: str) -> Contention | None:
+    """The profile's measured slowdown beside a second engine on the host (``pdserve profile
+    --contention``), or None when it has none."""
+    section = json.loads(profile_path(profile).read_text()).get("contention")
+    return Contention.from_dict(section) if section else None
 
 
 def placements(budget: int, tps: Sequence[int]) -> list[Placement]:

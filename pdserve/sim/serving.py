@@ -20,7 +20,7 @@ prefill (or colocated) instance with the least queued work; decodes by ``decode_
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from pdserve.sim.instance import EngineSpec, Instance, ServingConfig
@@ -65,6 +65,8 @@ class ServingResult:
     tpot_slo_s: float
     warmup: int = 0
     """Leading requests not scored (the ramp from an empty deployment)."""
+    wait_s: list[float] = field(default_factory=list)
+    """Per request, arrival until its prefill pass started (the rest of its TTFT is the pass)."""
 
     @property
     def attainment(self) -> float:
@@ -96,7 +98,7 @@ class ServingSim:
         self._index = {x.name: k for k, x in enumerate(self._instances)}
         self._requests, self._events, self._seq = requests, [], 0
         self._arrival = [r.arrival_s / scale for r in requests]
-        self._first, self._last = [0.0] * len(requests), [0.0] * len(requests)
+        self._first, self._last, self._started = [0.0] * len(requests), [0.0] * len(requests), [0.0] * len(requests)
         for i, t in enumerate(self._arrival):
             self._push(t, ARRIVE, i)
         while self._events:
@@ -105,7 +107,9 @@ class ServingSim:
         ttft = [f - a for f, a in zip(self._first, self._arrival)]
         tpot = [(last - first) / (r.output_len - 1) if r.output_len > 1 else 0.0
                 for first, last, r in zip(self._first, self._last, requests)]
-        return ServingResult(scale, ttft, tpot, cfg.ttft_slo_s, cfg.tpot_slo_s, int(cfg.warmup_share * len(requests)))
+        wait = [s - a for s, a in zip(self._started, self._arrival)]
+        return ServingResult(scale, ttft, tpot, cfg.ttft_slo_s, cfg.tpot_slo_s, int(cfg.warmup_share * len(requests)),
+                             wait)
 
     def _push(self, t: float, kind: int, a: int) -> None:
         self._seq += 1
@@ -130,7 +134,18 @@ class ServingSim:
     def _kick(self, t: float, k: int) -> None:
         duration = self._instances[k].start()
         if duration is not None:
-            self._push(t + duration, PASS_END, k)
+            self._push(t + duration * self._slowdown(k), PASS_END, k)
+            for i in self._instances[k].prompts:
+                self._started[i] = t
+
+    def _slowdown(self, k: int) -> float:
+        """The factor on instance ``k``'s pass from the others sharing its host (1.0 without
+        ``cfg.contention``): they prefill, or else decode their batches."""
+        if self.cfg.contention is None:
+            return 1.0
+        others = [x for j, x in enumerate(self._instances) if j != k and x.phase]
+        batch = sum(len(x.batch.running) for x in others)
+        return self.cfg.contention.slowdown(bool(self._instances[k].prompts), any(x.prompts for x in others), batch)
 
     def _pass_end(self, t: float, k: int) -> None:
         first, finished = self._instances[k].end()
