@@ -166,8 +166,8 @@ class AdmissionQueue:
             queued = sorted(self._queued.get(name, []), key=Ticket.order)
             head, tail = queued[:-REBALANCE_WINDOW], queued[-REBALANCE_WINDOW:]
             busy = self.load_running(name, now) + sum(t.prefill_s for t in head)
-            views.append(InstanceQueue(name, busy, tuple(QueuedRequest(t.route, t.prefill_s, now - t.admitted)
-                                                         for t in tail)))
+            views.append(InstanceQueue(name, busy, tuple(QueuedRequest(t.route, t.prefill_s, t.admitted) for t in tail),
+                                       now))
         moves = self.policy.rebalance(views)
         for move in moves:
             self._move(by_id[move.request_id], move.target, move.prefill_s)

@@ -221,8 +221,8 @@ def _queues(policy, requests, names=NAMES, busy=0.0, waited=0.0):
     for r in requests:
         choice = policy.select(r, snaps({}, names))
         prefill_s = LINEAR.prefill_s(r.num_tokens - choice.cached_tokens, choice.cached_tokens)
-        placed[choice.instance].append(QueuedRequest(r, prefill_s, waited))
-    return {n: InstanceQueue(n, busy, tuple(items)) for n, items in placed.items()}
+        placed[choice.instance].append(QueuedRequest(r, prefill_s, arrived_s=0.0))
+    return {n: InstanceQueue(n, busy, tuple(items), now_s=waited) for n, items in placed.items()}
 
 
 @pytest.mark.parametrize("slo_ms,expect_moves", [(6000, 4), (60_000, 0)])

@@ -21,7 +21,7 @@ from pdserve.base.types import LoadSnapshot
 from pdserve.sim.queues import DecodeState, PrefillState, QueuedPrefill
 from pdserve.sim.traces import TraceRequest
 from router.latency import DEFAULT_KV_BANDWIDTH_BPS, DEFAULT_KV_BYTES_PER_TOKEN, DEFAULT_KV_TOKENS, LatencyModel
-from router.policies import InstanceQueue, PolicyContext, QueuedRequest, RouteRequest, make_policy
+from router.policies import InstanceQueue, PolicyContext, RouteRequest, make_policy
 from router.policies.base import REBALANCE_WINDOW
 
 ARRIVE, PREFILL_DONE, DECODE_START, DECODE_DONE, REBALANCE = range(5)
@@ -157,7 +157,8 @@ class ClusterSim:
         self._decisions[choice.reason] += 1
         uncached = r.input_len - min(choice.cached_tokens, r.input_len - 1)
         predicted = self.latency.prefill_s(uncached, r.input_len - uncached)
-        self._enqueue(t, _index(choice.instance), QueuedPrefill(i, route, predicted, uncached, replica))
+        self._enqueue(t, _index(choice.instance),
+                      QueuedPrefill(i, route, predicted, uncached, replica, self._arrivals[i]))
 
     def _enqueue(self, t: float, p_idx: int, q: QueuedPrefill) -> None:
         """Queue a request on prefill ``p_idx`` with the router's estimates of its prefill there
@@ -246,8 +247,7 @@ class ClusterSim:
         else:
             tail = list(itertools.islice(reversed(p.queue), REBALANCE_WINDOW))[::-1]
             busy = max(0.0, p.busy_until - t) + max(0.0, p.queued_s - sum(q.predicted_s for q in tail))
-        return InstanceQueue(p.name, busy,
-                             tuple(QueuedRequest(q.route, q.predicted_s, t - self._arrivals[q.i]) for q in tail))
+        return InstanceQueue(p.name, busy, tuple(q.record for q in tail), t)
 
     def _move(self, t: float, i: int, target: int, predicted_s: float) -> None:
         for p in self._prefills:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pdserve.base.types import LoadSnapshot
-from router.policies import RouteRequest
+from router.policies import QueuedRequest, RouteRequest
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,13 @@ class QueuedPrefill:
     predicted_s: float
     uncached: int
     replica: int = 0
+    arrived_s: float = 0.0
+
+    @cached_property
+    def record(self) -> QueuedRequest:
+        """The request as a rebalancing window lists it: built once per placement, not per
+        window (building them was most of a DualMap run's time)."""
+        return QueuedRequest(self.route, self.predicted_s, self.arrived_s)
 
 
 @dataclass

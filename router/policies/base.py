@@ -84,8 +84,9 @@ class QueuedRequest:
 
     request: RouteRequest
     prefill_s: float
-    waited_s: float = 0.0
-    """Seconds since the request arrived (its TTFT so far)."""
+    arrived_s: float = 0.0
+    """When the request arrived, on the clock of ``InstanceQueue.now_s`` (a queued request's
+    record does not change while it waits, so a caller can keep it instead of rebuilding it)."""
 
 
 REBALANCE_WINDOW = 64
@@ -102,10 +103,16 @@ class InstanceQueue:
     instance: str
     busy_s: float
     items: tuple[QueuedRequest, ...] = ()
+    now_s: float = 0.0
+    """The time of this view, on the items' ``arrived_s`` clock."""
 
     def wait_s(self) -> float:
         """Predicted time until everything queued here has been prefilled."""
         return self.busy_s + sum(q.prefill_s for q in self.items)
+
+    def waited_s(self, item: QueuedRequest) -> float:
+        """Seconds ``item`` has waited so far (its TTFT so far)."""
+        return self.now_s - item.arrived_s
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from pdserve.base.types import LoadSnapshot
@@ -204,15 +205,15 @@ class DualMapPolicy:
             done += item.prefill_s
             alt = self._alternate(item.request.request_id, q.instance)
             slo_s = self._slo_s(item.request)
-            if alt in wait and not (slo_s and item.waited_s + wait[alt] >= slo_s):  # else it cannot fit there
+            if alt in wait and not (slo_s and q.waited_s(item) + wait[alt] >= slo_s):  # else it cannot fit there
                 there = self.prefill_s(item.request, alt)
                 options.append((done - (wait[alt] + there), item, alt, there))
         moves, remaining = [], list(q.items)
         for gain, item, alt, there in sorted(options, key=lambda o: -o[0]):
-            if gain <= 0 or not _violations(InstanceQueue(q.instance, q.busy_s, tuple(remaining)), self._slo_s):
+            if gain <= 0 or not _violations(replace(q, items=tuple(remaining)), self._slo_s):
                 break
             slo_s = self._slo_s(item.request)
-            if slo_s and item.waited_s + wait[alt] + there > slo_s:
+            if slo_s and q.waited_s(item) + wait[alt] + there > slo_s:
                 continue
             remaining.remove(item)
             wait[alt] += there
@@ -240,6 +241,6 @@ def _violations(q: InstanceQueue, slo_s: Callable[[RouteRequest], float]) -> boo
     for item in q.items:
         done += item.prefill_s
         slo = slo_s(item.request)
-        if slo and item.waited_s + done > slo:
+        if slo and q.waited_s(item) + done > slo:
             return True
     return False
