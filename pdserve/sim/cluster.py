@@ -240,7 +240,8 @@ class ClusterSim:
         """Replica ``replica``'s rebalancer view of ``p``: the last requests it queued there, the
         rest of the queue (as it sees it) folded into busy_s."""
         if len(p.own) > 1:
-            tail = [q for q in p.queue if q.replica == replica][-REBALANCE_WINDOW:]
+            mine = (q for q in reversed(p.queue) if q.replica == replica)
+            tail = list(itertools.islice(mine, REBALANCE_WINDOW))[::-1]
             busy = max(0.0, p.snapshot(t, replica).queued_prefill_s - sum(q.predicted_s for q in tail))
         elif not p.queue:
             return InstanceQueue(p.name, max(0.0, p.busy_until - t))
